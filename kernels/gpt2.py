@@ -1,0 +1,210 @@
+"""Numba kernels for one GPT-2 decode step over a batch of rows, and their NumPy twins.
+
+Knows: the arithmetic of layer norm, Conv1D-style linear layers, gelu_new, cached
+attention and the LM head. Does not know: checkpoints, sessions, sampling.
+
+Dimensions: B = rows in this step, C = n_embd, K = in features, N = out features,
+H = heads, D = C // H, P = shared prompt length, S = per-row capacity, R = rows of
+the session, V = vocabulary.
+
+Batch invariance (SEMANTICS 4): every output element is computed by one thread, with
+a reduction order that depends only on its own row, never on B or on which rows share
+the step. Reductions over K run k = 0, 1, ..., K-1 in order (no reassociation:
+fastmath is off); dot products use 8 interleaved partial sums, combined pairwise.
+Parallel loops split only over output columns / vocabulary / (row, head) pairs.
+"""
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+GELU_C = np.float32(math.sqrt(2.0 / math.pi))
+COLS_PER_TASK = 128     # output columns per parallel task of a linear layer
+VOCAB_PER_TASK = 512    # vocabulary rows per parallel task of the LM head
+
+
+# ----------------------------------------------------------------------------- helpers
+
+@njit(cache=True, inline="always")
+def _dot8(a, b, n):
+    """sum(a[:n] * b[:n]) with 8 interleaved partial sums, combined pairwise."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
+    n8 = n - n % 8
+    for i in range(0, n8, 8):
+        s0 += a[i] * b[i]
+        s1 += a[i + 1] * b[i + 1]
+        s2 += a[i + 2] * b[i + 2]
+        s3 += a[i + 3] * b[i + 3]
+        s4 += a[i + 4] * b[i + 4]
+        s5 += a[i + 5] * b[i + 5]
+        s6 += a[i + 6] * b[i + 6]
+        s7 += a[i + 7] * b[i + 7]
+    for i in range(n8, n):
+        s0 += a[i] * b[i]
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+@njit(cache=True, inline="always")
+def _matmul_cols(x, w, n0, n1, acc):
+    """acc[:, :n1-n0] = x @ w[:, n0:n1], summing over k in order."""
+    B, K = x.shape
+    acc[:, : n1 - n0] = 0.0
+    for k in range(K):
+        for b in range(B):
+            xv = x[b, k]
+            for n in range(n0, n1):
+                acc[b, n - n0] += xv * w[k, n]
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@njit(cache=True, parallel=True)
+def layer_norm(x, g, bias, eps, out):                       # [B, C] -> out [B, C]
+    B, C = x.shape
+    for b in prange(B):
+        mean = np.float32(0.0)
+        for c in range(C):
+            mean += x[b, c]
+        mean = mean / np.float32(C)
+        var = np.float32(0.0)
+        for c in range(C):
+            d = x[b, c] - mean
+            var += d * d
+        inv = np.float32(1.0) / np.sqrt(var / np.float32(C) + np.float32(eps))
+        for c in range(C):
+            out[b, c] = (x[b, c] - mean) * inv * g[c] + bias[c]
+
+
+@njit(cache=True, parallel=True)
+def linear(x, w, bias, out):                                # [B, K] @ [K, N] + [N] -> out [B, N]
+    B = x.shape[0]
+    N = w.shape[1]
+    for t in prange((N + COLS_PER_TASK - 1) // COLS_PER_TASK):
+        n0 = t * COLS_PER_TASK
+        n1 = min(N, n0 + COLS_PER_TASK)
+        acc = np.empty((B, COLS_PER_TASK), np.float32)
+        _matmul_cols(x, w, n0, n1, acc)
+        for b in range(B):
+            for n in range(n0, n1):
+                out[b, n] = acc[b, n - n0] + bias[n]
+
+
+@njit(cache=True, parallel=True)
+def linear_gelu(x, w, bias, out):                           # gelu_new([B, K] @ [K, N] + [N])
+    B = x.shape[0]
+    N = w.shape[1]
+    for t in prange((N + COLS_PER_TASK - 1) // COLS_PER_TASK):
+        n0 = t * COLS_PER_TASK
+        n1 = min(N, n0 + COLS_PER_TASK)
+        acc = np.empty((B, COLS_PER_TASK), np.float32)
+        _matmul_cols(x, w, n0, n1, acc)
+        for b in range(B):
+            for n in range(n0, n1):
+                y = acc[b, n - n0] + bias[n]
+                out[b, n] = np.float32(0.5) * y * (np.float32(1.0) + np.tanh(
+                    GELU_C * (y + np.float32(0.044715) * y * y * y)))
+
+
+@njit(cache=True, parallel=True)
+def linear_residual(x, w, bias, resid):                     # resid [B, N] += [B, K] @ [K, N] + [N]
+    B = x.shape[0]
+    N = w.shape[1]
+    for t in prange((N + COLS_PER_TASK - 1) // COLS_PER_TASK):
+        n0 = t * COLS_PER_TASK
+        n1 = min(N, n0 + COLS_PER_TASK)
+        acc = np.empty((B, COLS_PER_TASK), np.float32)
+        _matmul_cols(x, w, n0, n1, acc)
+        for b in range(B):
+            for n in range(n0, n1):
+                resid[b, n] = resid[b, n] + (acc[b, n - n0] + bias[n])
+
+
+@njit(cache=True, parallel=True)
+def lm_head(x, wte, out):                                   # [B, C] . [V, C] -> out [B, V]
+    B, C = x.shape
+    V = wte.shape[0]
+    for t in prange((V + VOCAB_PER_TASK - 1) // VOCAB_PER_TASK):
+        for v in range(t * VOCAB_PER_TASK, min(V, (t + 1) * VOCAB_PER_TASK)):
+            for b in range(B):
+                out[b, v] = _dot8(x[b], wte[v], C)
+
+
+@njit(cache=True, parallel=True)
+def attend(q, k_pre, v_pre, n_pre, k_row, v_row, rows, n_row, out):
+    """Causal attention of one new query per row over the shared prompt and the row's own past.
+
+    q [B, H, D]; k_pre, v_pre [H, P, D] (first n_pre used); k_row, v_row [R, H, S, D];
+    rows [B] (session row of each batch entry); n_row [B] (filled entries of that row,
+    the new token's included); out [B, H, D].
+    """
+    B, H, D = q.shape
+    scale = np.float32(math.sqrt(D))
+    for i in prange(B * H):
+        b = i // H
+        h = i % H
+        r = rows[b]
+        m = n_row[b]
+        s = np.empty(n_pre + m, np.float32)
+        for t in range(n_pre):
+            s[t] = _dot8(q[b, h], k_pre[h, t], D) / scale
+        for t in range(m):
+            s[n_pre + t] = _dot8(q[b, h], k_row[r, h, t], D) / scale
+        mx = s[0]
+        for t in range(1, n_pre + m):
+            mx = max(mx, s[t])
+        total = np.float32(0.0)
+        for t in range(n_pre + m):
+            s[t] = np.exp(s[t] - mx)
+            total += s[t]
+        for d in range(D):
+            out[b, h, d] = 0.0
+        for t in range(n_pre):
+            p = s[t] / total
+            for d in range(D):
+                out[b, h, d] += p * v_pre[h, t, d]
+        for t in range(m):
+            p = s[n_pre + t] / total
+            for d in range(D):
+                out[b, h, d] += p * v_row[r, h, t, d]
+
+
+# ----------------------------------------------------------------------------- NumPy twins (the spec)
+
+def layer_norm_ref(x, g, bias, eps):
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + np.float32(eps)) * g + bias
+
+
+def linear_ref(x, w, bias):
+    return x @ w + bias
+
+
+def gelu_ref(y):
+    return 0.5 * y * (1 + np.tanh(GELU_C * (y + np.float32(0.044715) * y ** 3)))
+
+
+def linear_gelu_ref(x, w, bias):
+    return gelu_ref(x @ w + bias)
+
+
+def linear_residual_ref(x, w, bias, resid):
+    return resid + (x @ w + bias)
+
+
+def lm_head_ref(x, wte):
+    return x @ wte.T
+
+
+def attend_ref(q, k_pre, v_pre, n_pre, k_row, v_row, rows, n_row):
+    B, H, D = q.shape
+    out = np.empty_like(q)
+    for b in range(B):
+        k = np.concatenate([k_pre[:, :n_pre], k_row[rows[b], :, : n_row[b]]], axis=1)  # [H, T, D]
+        v = np.concatenate([v_pre[:, :n_pre], v_row[rows[b], :, : n_row[b]]], axis=1)
+        s = np.einsum("hd,htd->ht", q[b], k) / np.float32(np.sqrt(D))
+        p = np.exp(s - s.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)
+        out[b] = np.einsum("ht,htd->hd", p, v)
+    return out

@@ -1,0 +1,108 @@
+"""Resolve a model name to a loaded model: bundled, a local directory, or the local HF cache.
+
+Knows: where models may live. Never downloads anything. Does not know: how models run.
+
+Lookup order for a name:
+1. a bundled model: a folder of weights/ (in the wheel: refcomplete/weights/);
+2. a local directory path holding config.json and model.safetensors;
+3. a Hugging Face hub id already in the local cache (HF_HUB_CACHE, else HF_HOME/hub,
+   else ~/.cache/huggingface/hub), e.g. "gpt2" or "openai-community/gpt2".
+
+Example:
+    >>> model = load_model("gpt2-tiny-shakespeare")
+    >>> model.n_ctx
+    512
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+from refcomplete._paths import weights_dir
+from refcomplete.checkpoint import load_checkpoint
+
+DEFAULT_MODEL = "gpt2-tiny-shakespeare"
+# Legacy hub ids that the hub redirects to an organisation's repository.
+_HUB_ALIASES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+                "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl",
+                "distilgpt2": "distilbert/distilgpt2"}
+
+
+class ModelNotFound(LookupError):
+    """No model of that name; `looked_in` lists every place that was searched."""
+
+    def __init__(self, name: str, looked_in: list[str]):
+        self.name, self.looked_in = name, looked_in
+        super().__init__(f"model {name!r} not found; looked in: " + "; ".join(looked_in))
+
+
+def hf_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def _hub_snapshot(repo_id: str, looked_in: list[str]) -> Path | None:
+    cache = hf_cache_dir()
+    for rid in dict.fromkeys([repo_id, _HUB_ALIASES.get(repo_id, repo_id)]):
+        repo = cache / ("models--" + rid.replace("/", "--"))
+        looked_in.append(str(repo))
+        ref = repo / "refs" / "main"
+        snapshots = [repo / "snapshots" / ref.read_text().strip()] if ref.is_file() else []
+        if (repo / "snapshots").is_dir():
+            snapshots += sorted((repo / "snapshots").iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+        for snap in snapshots:
+            if _is_model_dir(snap):
+                return snap
+    return None
+
+
+def resolve(name: str) -> Path:
+    """The directory holding model `name`, or ModelNotFound saying where it looked."""
+    looked_in: list[str] = []
+    if name and "/" not in name and name not in (".", ".."):
+        bundled = weights_dir() / name
+        looked_in.append(f"bundled models ({weights_dir()})")
+        if _is_model_dir(bundled):
+            return bundled
+    path = Path(name).expanduser()
+    looked_in.append(f"local directory {path}")
+    if _is_model_dir(path):
+        return path
+    if name and not name.startswith((".", "/", "~")) and name.count("/") <= 1:
+        snap = _hub_snapshot(name, looked_in)
+        if snap is not None:
+            return snap
+    raise ModelNotFound(name, looked_in)
+
+
+def list_models() -> list[str]:
+    """Bundled models and GPT-2-family models found in the local HF cache."""
+    names = sorted(p.name for p in weights_dir().iterdir() if _is_model_dir(p)) if weights_dir().is_dir() else []
+    cache = hf_cache_dir()
+    if cache.is_dir():
+        for repo in sorted(cache.glob("models--*")):
+            rid = repo.name[len("models--"):].replace("--", "/")
+            if _hub_snapshot(rid, []) is not None:
+                names.append(rid)
+    return names
+
+
+@functools.lru_cache(maxsize=8)
+def _load(path: str, name: str):
+    from refcomplete.runtime import GPT2Model
+
+    return GPT2Model(load_checkpoint(path), name=name)
+
+
+def load_model(name: str = DEFAULT_MODEL):
+    """Load (once per process) the model called `name`; see the module docstring for lookup."""
+    return _load(str(resolve(name).resolve()), name)

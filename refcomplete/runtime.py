@@ -1,0 +1,118 @@
+"""The fast GPT-2 runtime: prompt prefill with BLAS, then batched KV-cache decode steps
+with Numba kernels. Implements refcomplete.lm.LanguageModel.
+
+Knows: how to run a checkpoint quickly and batch-invariantly. Does not know: sampling,
+requests, where checkpoints live (registry.py).
+
+Dimensions: T = prompt length, R = rows of a session, B = rows in one step,
+L = layers, H = heads, D = head size, C = n_embd, S = per-row capacity, V = vocabulary.
+
+Invariance (SEMANTICS 4): the prompt is prefilled once per session by the NumPy
+reference block (BLAS), alone, so its cache does not depend on the rows. Every later
+token goes through the Numba kernels, whose per-row results do not depend on the batch.
+The LM head is always the Numba kernel, so the last prompt position's logits are the
+same whether or not all positions were asked for.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from refcomplete import reference
+from refcomplete.checkpoint import Checkpoint
+from refcomplete.tokenizer import get_tokenizer
+
+
+class GPT2Model:
+    """A loaded GPT-2 checkpoint, ready to open decode sessions."""
+
+    def __init__(self, checkpoint: Checkpoint, name: str | None = None):
+        from refcomplete.kernels import gpt2 as kernels  # imports numba: only here
+
+        self._k = kernels
+        self.checkpoint = checkpoint
+        self.config = checkpoint.config
+        self.params = checkpoint.params
+        self.name = name or checkpoint.path.name
+        self.n_vocab = self.config.n_vocab
+        self.n_ctx = self.config.n_ctx
+        self.tokenizer = get_tokenizer()
+        self.eot_id = self.tokenizer.eot_id
+        self.weights_sha256 = checkpoint.weights_sha256
+
+    def session(self, prompt, rows: int, max_new_tokens: int) -> "Session":
+        if len(prompt) == 0 or len(prompt) + max_new_tokens > self.n_ctx:
+            raise ValueError(f"prompt of {len(prompt)} tokens + {max_new_tokens} new exceeds n_ctx {self.n_ctx}")
+        return Session(self, np.asarray(prompt, dtype=np.int64), rows, max_new_tokens)
+
+    def logits(self, ids) -> np.ndarray:
+        """Logits for every position of ids, float32 [T, V] (a prefill, no generation)."""
+        return self.session(ids, rows=1, max_new_tokens=0).prefill(all_positions=True)
+
+    def _head(self, x: np.ndarray) -> np.ndarray:                    # [B, C] -> [B, V]
+        k, p, cfg = self._k, self.params, self.config
+        h = np.empty_like(x)
+        k.layer_norm(x, p.ln_f_weight, p.ln_f_bias, cfg.layer_norm_epsilon, h)
+        out = np.empty((x.shape[0], self.n_vocab), np.float32)
+        k.lm_head(h, p.lm_head, out)
+        return out
+
+
+class Session:
+    """A shared prompt and R rows continuing it, each with its own KV cache."""
+
+    def __init__(self, model: GPT2Model, prompt: np.ndarray, rows: int, capacity: int):
+        cfg = model.config
+        self.model, self.prompt, self.rows, self.capacity = model, prompt, rows, capacity
+        H, D = cfg.n_head, cfg.n_embd // cfg.n_head
+        self.k_pre: list[np.ndarray] = []                               # L x [H, T, D]
+        self.v_pre: list[np.ndarray] = []
+        shape = (rows, H, max(capacity, 1), D)                          # [R, H, S, D]
+        self.k_row = [np.empty(shape, np.float32) for _ in range(cfg.n_layer)]
+        self.v_row = [np.empty(shape, np.float32) for _ in range(cfg.n_layer)]
+        self.n_row = np.zeros(rows, np.int64)                           # filled entries per row
+
+    def prefill(self, all_positions: bool = False) -> np.ndarray:
+        """Run the prompt through the reference blocks; return [T, V] or [1, V] logits."""
+        if self.k_pre:
+            raise RuntimeError("prefill() was already called on this session")
+        m, cfg = self.model, self.model.config
+        x = reference.embed(self.prompt, m.params)                      # [T, C]
+        for p in m.params.blocks:
+            x, (k, v) = reference.block(x, p, cfg.n_head, cfg.layer_norm_epsilon)
+            self.k_pre.append(np.ascontiguousarray(k))
+            self.v_pre.append(np.ascontiguousarray(v))
+        x = np.ascontiguousarray(x if all_positions else x[-1:], dtype=np.float32)
+        return m._head(x)
+
+    def step(self, rows, tokens) -> np.ndarray:
+        """Append tokens[i] to rows[i]; return float32 [B, V] next-token logits."""
+        if not self.k_pre:
+            raise RuntimeError("call prefill() before step()")
+        m, k, p, cfg = self.model, self.model._k, self.model.params, self.model.config
+        rows = np.asarray(rows, dtype=np.int64)
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if np.any(self.n_row[rows] >= self.capacity) or len(np.unique(rows)) != len(rows):
+            raise ValueError("row capacity exceeded or a row given twice")
+        B, C, H = len(rows), cfg.n_embd, cfg.n_head
+        D, T = C // H, len(self.prompt)
+        slot = self.n_row[rows]                                         # [B] cache slot of the new token
+        x = m.params.wte[tokens] + m.params.wpe[T + slot]               # [B, C]
+        h = np.empty((B, C), np.float32)
+        qkv = np.empty((B, 3 * C), np.float32)
+        a = np.empty((B, H, D), np.float32)
+        f = np.empty((B, 4 * C), np.float32)
+        for layer, blk in enumerate(p.blocks):
+            k.layer_norm(x, blk["ln_1.weight"], blk["ln_1.bias"], cfg.layer_norm_epsilon, h)
+            k.linear(h, blk["attn.c_attn.weight"], blk["attn.c_attn.bias"], qkv)
+            q, kn, vn = (qkv[:, i * C:(i + 1) * C].reshape(B, H, D) for i in range(3))
+            self.k_row[layer][rows, :, slot] = kn
+            self.v_row[layer][rows, :, slot] = vn
+            k.attend(np.ascontiguousarray(q), self.k_pre[layer], self.v_pre[layer], T,
+                     self.k_row[layer], self.v_row[layer], rows, slot + 1, a)
+            k.linear_residual(a.reshape(B, C), blk["attn.c_proj.weight"], blk["attn.c_proj.bias"], x)
+            k.layer_norm(x, blk["ln_2.weight"], blk["ln_2.bias"], cfg.layer_norm_epsilon, h)
+            k.linear_gelu(h, blk["mlp.c_fc.weight"], blk["mlp.c_fc.bias"], f)
+            k.linear_residual(f, blk["mlp.c_proj.weight"], blk["mlp.c_proj.bias"], x)
+        self.n_row[rows] += 1
+        return m._head(x)

@@ -1,0 +1,83 @@
+"""The bundled r50k tokenizer: exact encodings, display strings, streaming decode, bad files."""
+
+import os
+import shutil
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from refcomplete.tokenizer import (EOT_ID, R50K_SHA256, StreamDecoder, Tokenizer, TokenizerFileError,
+                                   display, get_tokenizer, load_ranks)
+from refcomplete._paths import weights_dir
+
+RANKS = weights_dir() / "r50k_base.tiktoken"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return get_tokenizer()
+
+
+def test_known_encodings(tok):
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.encode(" the") == [262]
+    assert tok.encode("<|endoftext|>") == [EOT_ID]
+    assert tok.encode("a<|endoftext|>b") == [64, 50256, 65]
+    assert tok.n_vocab == 50257
+
+
+def test_ranks_match_tiktoken_loader(monkeypatch):
+    import tiktoken.load
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # no cache: read the local file only
+    assert tiktoken.load.load_tiktoken_bpe(str(RANKS), expected_hash=R50K_SHA256) == load_ranks(RANKS)
+
+
+def test_display_strings(tok):
+    ids = tok.encode("\u2019")                      # right single quote: one char, two tokens
+    assert ids == [447, 247]
+    assert [tok.display(i) for i in ids] == ["bytes:\\xe2\\x80", "bytes:\\x99"]
+    assert tok.display(EOT_ID) == "<|endoftext|>"
+    assert tok.display(15496) == "Hello"
+    assert display(b"a\xff ") == "bytes:a\\xff "
+
+
+def test_decode_invalid_bytes_as_replacement(tok):
+    assert tok.decode([447]) == "\ufffd"
+    assert tok.decode([447, 247]) == "\u2019"
+
+
+def test_stream_decoder_holds_split_characters(tok):
+    dec = tok.stream_decoder()
+    assert dec.feed(447) == ""
+    assert dec.feed(247) == "\u2019"
+    dec = StreamDecoder(tok)
+    assert dec.feed(447) == "" and dec.flush() == "\ufffd"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=40))
+def test_roundtrip_and_stream_equals_decode(text):
+    tok = get_tokenizer()
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    dec = tok.stream_decoder()
+    assert "".join(dec.feed(i) for i in ids) + dec.flush() == text
+
+
+def test_missing_and_corrupted_files_name_the_file(tmp_path):
+    with pytest.raises(TokenizerFileError, match="missing.tiktoken"):
+        Tokenizer(tmp_path / "missing.tiktoken")
+    bad = tmp_path / "bad.tiktoken"
+    shutil.copy(RANKS, bad)
+    with open(bad, "r+b") as f:
+        f.seek(100)
+        f.write(b"X")
+    with pytest.raises(TokenizerFileError, match="bad.tiktoken.*corrupted"):
+        Tokenizer(bad)
+
+
+def test_no_network_or_cache_use(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
+    Tokenizer(RANKS)
+    assert not (tmp_path / "cache").exists()
