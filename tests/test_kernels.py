@@ -1,0 +1,93 @@
+"""Each Numba kernel against its NumPy twin; batch invariance of every kernel.
+
+Also run with NUMBA_DISABLE_JIT=1 (test_kernels_without_jit), so the interpreted
+Python of the kernels is pinned to the twins too.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from refcomplete.kernels import gpt2 as k
+
+RNG = np.random.default_rng(0)
+
+
+def rand(*shape, scale=1.0):
+    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+
+
+SHAPES = [(1, 16, 24), (3, 64, 300), (5, 40, 257)]  # (B, K, N): N not a multiple of the task size
+
+
+@pytest.mark.parametrize("B,K,N", SHAPES)
+def test_linear_family_matches_twins(B, K, N):
+    x, w, b, resid = rand(B, K), rand(K, N, scale=0.2), rand(N), rand(B, N)
+    out = np.empty((B, N), np.float32)
+    k.linear(x, w, b, out)
+    np.testing.assert_allclose(out, k.linear_ref(x, w, b), rtol=1e-5, atol=1e-5)
+    k.linear_gelu(x, w, b, out)
+    np.testing.assert_allclose(out, k.linear_gelu_ref(x, w, b), rtol=1e-5, atol=1e-5)
+    expect = k.linear_residual_ref(x, w, b, resid)
+    k.linear_residual(x, w, b, resid)
+    np.testing.assert_allclose(resid, expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("B,C", [(1, 8), (4, 64), (2, 37)])
+def test_layer_norm_and_lm_head(B, C):
+    x, g, b, wte = rand(B, C, scale=3), rand(C), rand(C), rand(1100, C)
+    out = np.empty_like(x)
+    k.layer_norm(x, g, b, 1e-5, out)
+    np.testing.assert_allclose(out, k.layer_norm_ref(x, g, b, 1e-5), rtol=1e-4, atol=1e-5)
+    logits = np.empty((B, 1100), np.float32)
+    k.lm_head(x, wte, logits)
+    np.testing.assert_allclose(logits, k.lm_head_ref(x, wte), rtol=1e-4, atol=1e-4)
+
+
+def attention_case(B=3, H=2, D=16, P=5, R=4, S=6):
+    q, k_pre, v_pre = rand(B, H, D), rand(H, P, D), rand(H, P, D)
+    k_row, v_row = rand(R, H, S, D), rand(R, H, S, D)
+    rows = np.array([2, 0, 3][:B], np.int64)
+    n_row = np.array([1, 4, 6][:B], np.int64)
+    return q, k_pre, v_pre, P, k_row, v_row, rows, n_row
+
+
+def test_attend_matches_twin():
+    args = attention_case()
+    out = np.empty_like(args[0])
+    k.attend(*args, out)
+    np.testing.assert_allclose(out, k.attend_ref(*args), rtol=1e-5, atol=1e-6)
+
+
+def test_kernels_are_batch_invariant():
+    """A row's result is bitwise the same alone or in any batch (SEMANTICS 4)."""
+    x, w, b = rand(6, 64), rand(64, 300, scale=0.2), rand(300)
+    full = np.empty((6, 300), np.float32)
+    k.linear(x, w, b, full)
+    for i in range(6):
+        one = np.empty((1, 300), np.float32)
+        k.linear(x[i:i + 1], w, b, one)
+        assert np.array_equal(one[0], full[i])
+    wte = rand(2000, 64)
+    full = np.empty((6, 2000), np.float32)
+    k.lm_head(x, wte, full)
+    one = np.empty((1, 2000), np.float32)
+    k.lm_head(x[4:5], wte, one)
+    assert np.array_equal(one[0], full[4])
+    q, k_pre, v_pre, P, k_row, v_row, rows, n_row = attention_case()
+    out = np.empty_like(q)
+    k.attend(q, k_pre, v_pre, P, k_row, v_row, rows, n_row, out)
+    alone = np.empty_like(q[1:2])
+    k.attend(q[1:2], k_pre, v_pre, P, k_row, v_row, rows[1:2], n_row[1:2], alone)
+    assert np.array_equal(alone[0], out[1])
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="already without JIT")
+def test_kernels_without_jit():
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
