@@ -72,7 +72,7 @@ def make_model(cfg: dict):
     return GPT2LMHeadModel(config)
 
 
-def evaluate(model, val, seen_mask, block: int, device, batch: int = 32, autocast: bool = False):
+def evaluate(model, val, seen_mask, block: int, device, batch: int = 8, autocast: bool = False):
     """(mean nats/token over all held-out targets, over targets seen in training)."""
     import torch
     import torch.nn.functional as F
@@ -311,7 +311,7 @@ def finalize(run: Path, dest: Path, data_dir: Path, hardware: str | None, comman
     write_hf_tokenizer(dest, model.config.n_positions)
     train, val = _load_data(data_dir)
     seen_mask = np.bincount(train, minlength=50257) > 0
-    vl, vls = evaluate(model, val, seen_mask, model.config.n_positions, torch.device("cpu"))
+    vl, vls = evaluate(model, val, seen_mask, model.config.n_positions, torch.device("cpu"), batch=4)
     base = baselines(train, val)
     tok = get_tokenizer()
     prompts = ["ROMEO:\n", "JULIET:\n", "First Citizen:\n"]
