@@ -1,0 +1,304 @@
+"""Request validation: the raw keyword arguments become one frozen CompletionRequest.
+
+Knows: every OpenAI completions parameter, its type, range and default, and the
+rules that combine them (SEMANTICS 6-9); the model only through n_vocab, n_ctx and
+its tokenizer (`encode_prompts`). Does not know: sampling, decoding, response shapes.
+
+One line per rule, each error naming its `param` (DESIGN 8). Types are strict: a bool
+is not a number, a float is not an integer, exactly as JSON Schema says.
+
+    >>> parse({"model": "gpt2", "prompt": "Hi", "logprobs": 9}).logprobs   # clamped
+    5
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from refcomplete.errors import InvalidRequestError
+
+KNOWN = frozenset({
+    "model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs",
+    "max_tokens", "n", "presence_penalty", "seed", "stop", "stream", "stream_options",
+    "suffix", "temperature", "top_p", "user",
+    "logprobs_mode", "trace",  # extensions
+})
+ENDOFTEXT = "<|endoftext|>"
+MAX_LOGPROBS = 5
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """A validated request; every field holds its effective value (defaults applied)."""
+
+    model: str
+    prompt: Any                   # str | list[str] | list[int] | list[list[int]] (checked)
+    max_tokens: int | None = 16   # None: up to the context length
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    best_of: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | None = None   # clamped to [0, 5]
+    echo: bool = False
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias), ids unchecked vs vocab
+    seed: int | None = None
+    user: str | None = None
+    logprobs_mode: str = "raw"
+    trace: bool = False
+
+
+def _bad(message: str, param: str | None, code: str | None = None) -> InvalidRequestError:
+    return InvalidRequestError(message, param=param, code=code)
+
+
+def _type_error(name: str, expected: str, value: Any) -> InvalidRequestError:
+    return _bad(f"Invalid type for '{name}': expected {expected}, but got {type(value).__name__} "
+                f"value {value!r}.", name, "invalid_type")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _number(p: dict, name: str, default: float, lo: float, hi: float) -> float:
+    x = p.get(name)
+    if x is None:
+        return default
+    if not _is_number(x) or (isinstance(x, float) and math.isnan(x)):
+        raise _type_error(name, "a number", x)
+    if x < lo:
+        raise _bad(f"{x} is less than the minimum of {lo:g} - '{name}'", name)
+    if x > hi:
+        raise _bad(f"{x} is greater than the maximum of {hi:g} - '{name}'", name)
+    return float(x)
+
+
+def _integer(p: dict, name: str, default: int | None, lo: int, hi: int | None = None):
+    x = p.get(name)
+    if x is None:
+        return default
+    if not _is_int(x):
+        raise _type_error(name, "an integer", x)
+    if x < lo:
+        raise _bad(f"{x} is less than the minimum of {lo} - '{name}'", name)
+    if hi is not None and x > hi:
+        raise _bad(f"{x} is greater than the maximum of {hi} - '{name}'", name)
+    return x
+
+
+def _boolean(p: dict, name: str) -> bool:
+    x = p.get(name)
+    if x is None:
+        return False
+    if not isinstance(x, bool):
+        raise _type_error(name, "a boolean", x)
+    return x
+
+
+def _prompt(x: Any) -> Any:
+    """SEMANTICS 6: string, list of strings, list of ids, list of lists of ids; never empty."""
+    if x is None:
+        return ENDOFTEXT
+    if isinstance(x, str):
+        if not x:
+            raise _bad("'prompt' must not be an empty string.", "prompt")
+        return x
+    if not isinstance(x, list) or not x:
+        raise _bad(f"{x!r} is not valid under any of the given schemas - 'prompt' "
+                   "(expected a non-empty string, list of strings, list of token ids, "
+                   "or list of lists of token ids)", "prompt")
+    if all(isinstance(e, str) for e in x):
+        if not all(x):
+            raise _bad("'prompt' must not contain an empty string.", "prompt")
+        return list(x)
+    if all(_is_int(e) for e in x):
+        return list(x)
+    if all(isinstance(e, list) and e and all(_is_int(t) for t in e) for e in x):
+        return [list(e) for e in x]
+    raise _bad("'prompt' must be a non-empty string, list of strings, list of token ids, or "
+               "list of non-empty lists of token ids.", "prompt")
+
+
+def _stop(x: Any) -> tuple[str, ...]:
+    """SEMANTICS 7: a string or 1 to 4 non-empty strings."""
+    if x is None:
+        return ()
+    stops = [x] if isinstance(x, str) else x
+    if not isinstance(stops, list) or not 1 <= len(stops) <= 4:
+        raise _bad(f"{x!r} is not valid under any of the given schemas - 'stop' "
+                   "(expected a string or a list of 1 to 4 strings)", "stop")
+    if not all(isinstance(s, str) and s for s in stops):
+        raise _bad("'stop' must contain only non-empty strings.", "stop")
+    return tuple(stops)
+
+
+def _logit_bias(x: Any) -> tuple[tuple[int, float], ...]:
+    """SEMANTICS 9: token-id keys (decimal strings, or ints from Python), values in [-100, 100]."""
+    if x is None:
+        return ()
+    if not isinstance(x, dict):
+        raise _type_error("logit_bias", "an object", x)
+    out: dict[int, float] = {}
+    for key, value in x.items():
+        if _is_int(key):
+            token = key
+        elif isinstance(key, str) and key.isascii() and key.isdecimal():
+            token = int(key)
+        else:
+            raise _bad(f"Invalid key in 'logit_bias': {key}. You should only be submitting "
+                       "non-negative integers.", "logit_bias")
+        if token < 0:
+            raise _bad(f"Invalid key in 'logit_bias': {key}. You should only be submitting "
+                       "non-negative integers.", "logit_bias")
+        if token in out:
+            raise _bad(f"Invalid key in 'logit_bias': token id {token} is given twice.",
+                       "logit_bias")
+        if not _is_number(value) or not math.isfinite(value):
+            raise _bad(f"Invalid value in 'logit_bias' for key {key}: expected a number, "
+                       f"got {value!r}.", "logit_bias")
+        if not -100 <= value <= 100:
+            raise _bad(f"Invalid value in 'logit_bias' for key {key}: {value} is outside "
+                       "[-100, 100].", "logit_bias")
+        out[token] = float(value)
+    return tuple(sorted(out.items()))
+
+
+def parse(p: dict) -> CompletionRequest:
+    """Validate the model-independent rules of a raw request (SEMANTICS 6-9)."""
+    for name in p:
+        if name not in KNOWN:
+            raise _bad(f"Unrecognized request argument supplied: {name}", name)
+    model = p.get("model")
+    if model is None:
+        raise _bad("you must provide a model parameter", "model")
+    if not isinstance(model, str):
+        raise _type_error("model", "a string", model)
+    if p.get("suffix") is not None:
+        raise _bad("'suffix' is not supported: GPT-2 models have no insert mode.", "suffix")
+    user = p.get("user")
+    if user is not None and not isinstance(user, str):
+        raise _type_error("user", "a string", user)
+    stream = _boolean(p, "stream")
+    options = p.get("stream_options")
+    if options is not None and not stream:
+        raise _bad("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                   "stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict):
+            raise _type_error("stream_options", "an object", options)
+        for key in options:
+            if key != "include_usage":
+                raise _bad(f"Unrecognized request argument supplied: stream_options.{key}",
+                           "stream_options")
+        include_usage = _boolean(options, "include_usage")
+    n = _integer(p, "n", 1, 1, 128)
+    best_of = _integer(p, "best_of", n, 1, 20)
+    if best_of < n:
+        raise _bad(f"best_of must be greater than or equal to n, got n={n} and "
+                   f"best_of={best_of}.", "best_of")
+    if stream and best_of > n:
+        raise _bad("Results cannot be streamed when best_of > n.", "best_of")
+    max_tokens = _integer(p, "max_tokens", None, 0) if "max_tokens" in p else 16
+    logprobs = _integer(p, "logprobs", None, 0)
+    echo = _boolean(p, "echo")
+    if max_tokens == 0 and not echo:
+        raise _bad("You requested a length 0 completion, but you did not set the 'echo' "
+                   "parameter. That means that we will return no data to you. (HINT: set "
+                   "'echo' to true in order for the API to echo back the prompt to you.)",
+                   "max_tokens")
+    if max_tokens == 0 and logprobs is None:
+        raise _bad("You requested a length 0 completion, but did not specify a 'logprobs' "
+                   "parameter to see the probability of each token. Either request a "
+                   "completion with length greater than 1, or set 'logprobs' to 0 (to see "
+                   "the probabilities of each token you submitted) or more (to also see the "
+                   "probabilities over alternative tokens).", "max_tokens")
+    mode = p.get("logprobs_mode")
+    if mode is not None and mode not in ("raw", "processed"):
+        raise _bad(f"'logprobs_mode' must be 'raw' or 'processed', got {mode!r}.",
+                   "logprobs_mode")
+    return CompletionRequest(
+        model=model,
+        prompt=_prompt(p.get("prompt")),
+        max_tokens=max_tokens,
+        temperature=_number(p, "temperature", 1.0, 0, 2),
+        top_p=_number(p, "top_p", 1.0, 0, 1),
+        n=n,
+        best_of=best_of,
+        stream=stream,
+        include_usage=include_usage,
+        logprobs=None if logprobs is None else min(logprobs, MAX_LOGPROBS),
+        echo=echo,
+        stop=_stop(p.get("stop")),
+        presence_penalty=_number(p, "presence_penalty", 0.0, -2, 2),
+        frequency_penalty=_number(p, "frequency_penalty", 0.0, -2, 2),
+        logit_bias=_logit_bias(p.get("logit_bias")),
+        seed=_integer(p, "seed", None, INT64_MIN, INT64_MAX),
+        user=user,
+        logprobs_mode=mode or "raw",
+        trace=_boolean(p, "trace"),
+    )
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a request: its token ids and its text (for echo and text_offset)."""
+
+    ids: tuple[int, ...]
+    text: str
+
+
+def encode_prompts(req: CompletionRequest, model) -> list[Prompt]:
+    """Tokenize the prompt(s) and check the model-dependent rules (vocab, context length).
+
+    A token-id prompt's text is the UTF-8 decoding of its bytes, invalid bytes as U+FFFD;
+    a string prompt's text is the decoding of its tokens (the string itself).
+    """
+    tok, n_vocab = model.tokenizer, model.n_vocab
+    for token, _ in req.logit_bias:
+        if token >= n_vocab:
+            raise _bad(f"Invalid key in 'logit_bias': {token}. Maximum value is {n_vocab - 1}.",
+                       "logit_bias")
+    raw = req.prompt
+    if isinstance(raw, str):
+        raw = [raw]
+    elif raw and _is_int(raw[0]):
+        raw = [raw]
+    prompts = []
+    for item in raw:
+        ids = tok.encode(item) if isinstance(item, str) else item
+        bad = [t for t in ids if not 0 <= t < n_vocab]
+        if bad:
+            raise _bad(f"Invalid token id {bad[0]} in 'prompt': token ids must be in "
+                       f"[0, {n_vocab - 1}].", "prompt")
+        prompts.append(Prompt(tuple(ids), tok.decode(ids)))
+    for pr in prompts:
+        _check_context(req, len(pr.ids), model.n_ctx)
+    return prompts
+
+
+def _check_context(req: CompletionRequest, prompt_len: int, n_ctx: int) -> None:
+    """SEMANTICS 6: prompt + max_tokens must fit the context (OpenAI's message)."""
+    wanted = req.max_tokens if req.max_tokens is not None else max(n_ctx - prompt_len, 1)
+    if prompt_len + wanted > n_ctx:
+        raise _bad(f"This model's maximum context length is {n_ctx} tokens, however you "
+                   f"requested {prompt_len + wanted} tokens ({prompt_len} in your prompt; "
+                   f"{wanted} for the completion). Please reduce your prompt; or completion "
+                   "length.", "max_tokens" if req.max_tokens is not None else "prompt")
+
+
+def max_new_tokens(req: CompletionRequest, prompt_len: int, n_ctx: int) -> int:
+    """The number of tokens a candidate may generate for this prompt."""
+    return req.max_tokens if req.max_tokens is not None else n_ctx - prompt_len

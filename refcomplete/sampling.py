@@ -1,0 +1,256 @@
+"""One decode step of one candidate: the sampling pipeline as an ordered tuple of pure stages.
+
+Knows: how next-token logits become a token (SEMANTICS 1-3). Does not know: models,
+text, stop strings, response shapes. Plain NumPy, float64; no stage mutates its input.
+
+The order, written once (V = n_vocab; x is float64 [V] throughout):
+
+    z = float64(logits)
+    logit_bias    z + bias                              (ids from the request)
+    penalties     z - frequency_penalty*c - presence_penalty*(c > 0)
+                  (c: counts of tokens THIS candidate generated; the prompt is excluded)
+    -- temperature == 0 stops here: token = argmax(z), lowest id on ties, no coin --
+    temperature   z / T
+    softmax       p = exp(z - max z) / sum(exp(z - max z))
+    top_p         keep a token iff the mass of the tokens sorted before it (probability
+                  descending, ties by ascending id) is < top_p; renormalise
+    select(p, u)  walk kept tokens by ascending id, accumulate p, take the first whose
+                  cumulative sum exceeds u * total
+
+Each stage is `(x, state) -> x`; `run(z, state, trace=True)` also returns every
+intermediate. The fast paths (`_top_p_keep`, `select`) never sort the whole vocabulary;
+`top_p_reference` and `select_reference` are their slow twins (the spec), pinned
+together in tests/test_sampling.py.
+
+    >>> st = State(SamplingParams(temperature=1.0, top_p=0.5), counts={})
+    >>> p, _ = run(np.log(np.array([0.1, 0.4, 0.3, 0.2])), st)
+    >>> p.round(3).tolist()            # mass before 0.3 is 0.4 < 0.5: kept; before 0.2: 0.7
+    [0.0, 0.571, 0.429, 0.0]
+    >>> select(p, 0.5)                 # cumulative 0.571 > 0.5 * 1.0 at token 1
+    1
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """The request's sampling parameters, validated (see params.py)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class State:
+    """What a stage may read: the parameters and this candidate's generated-token counts."""
+
+    params: SamplingParams
+    counts: Mapping[int, int] = field(default_factory=dict)
+
+
+# -- the stages ---------------------------------------------------------------------------
+
+def logit_bias(z: np.ndarray, st: State) -> np.ndarray:
+    """Add the request's bias to the listed token ids ("added to the logits ... prior to sampling")."""
+    if not st.params.logit_bias:
+        return z
+    ids, bias = zip(*st.params.logit_bias)
+    out = z.copy()
+    out[list(ids)] += np.array(bias)
+    return out
+
+
+def penalties(z: np.ndarray, st: State) -> np.ndarray:
+    """OpenAI's formula: mu[j] - c[j] * alpha_frequency - float(c[j] > 0) * alpha_presence."""
+    fp, pp = st.params.frequency_penalty, st.params.presence_penalty
+    if (fp == 0 and pp == 0) or not st.counts:
+        return z
+    ids = np.fromiter(st.counts.keys(), dtype=np.int64, count=len(st.counts))
+    c = np.fromiter(st.counts.values(), dtype=np.float64, count=len(st.counts))
+    out = z.copy()
+    out[ids] = z[ids] - fp * c - pp
+    return out
+
+
+def temperature(z: np.ndarray, st: State) -> np.ndarray:
+    """Divide by the temperature (never 0 here: greedy stops before this stage)."""
+    t = st.params.temperature
+    return z if t == 1 else z / t
+
+
+def softmax(z: np.ndarray, st: State | None = None) -> np.ndarray:
+    """p = exp(z - max z) / sum(exp(z - max z)), float64."""
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def top_p(p: np.ndarray, st: State) -> np.ndarray:
+    """Nucleus filter (SEMANTICS 2); top_p >= 1 keeps every token and is the identity."""
+    if st.params.top_p >= 1:
+        return p
+    return _renormalise(p, _top_p_keep(p, st.params.top_p))
+
+
+STAGES: tuple[tuple[str, Callable], ...] = (
+    ("logit_bias", logit_bias),
+    ("penalties", penalties),
+    ("temperature", temperature),
+    ("softmax", softmax),
+    ("top_p", top_p),
+)
+GREEDY_STAGES = STAGES[:2]
+
+
+def run(z: np.ndarray, st: State, trace: bool = False):
+    """Apply the stages in order. Returns (x, intermediates): x is the final float64 [V]
+    (probabilities, or the penalised logits when greedy); intermediates is
+    [(stage name, x after it)] if trace, else []."""
+    stages = GREEDY_STAGES if st.params.greedy else STAGES
+    seen = []
+    for name, stage in stages:
+        z = stage(z, st)
+        if trace:
+            seen.append((name, z))
+    return z, seen
+
+
+# -- selection ----------------------------------------------------------------------------
+
+def greedy(z: np.ndarray) -> int:
+    """argmax, lowest id on ties (numpy's argmax returns the first maximum)."""
+    return int(np.argmax(z))
+
+
+_BLOCK = 256
+_EXACT_BELOW = 4096
+
+
+def select(p: np.ndarray, u: float) -> int:
+    """First kept token (ascending id) whose cumulative probability exceeds u * total.
+
+    `total` is the last cumulative sum, so p need not be normalised; tokens with p == 0
+    are never chosen. Over a large support the cumulative sums are first estimated by
+    blocks; the estimate is used only when u * total is farther from every boundary
+    than the worst-case rounding difference, else the exact sequential walk decides,
+    so the result always equals `select_reference`.
+    """
+    ids = np.flatnonzero(p)
+    w = p[ids]
+    if len(w) < _EXACT_BELOW:
+        return int(ids[_walk(np.cumsum(w), u)])
+    nb = len(w) // _BLOCK
+    sums = w[: nb * _BLOCK].reshape(nb, _BLOCK).sum(axis=1)
+    if len(w) > nb * _BLOCK:
+        sums = np.append(sums, w[nb * _BLOCK:].sum())
+    ends = np.cumsum(sums)                                  # approx cumsum at block ends
+    x = u * ends[-1]
+    j = min(int(np.searchsorted(ends, x, side="right")), len(ends) - 1)
+    base = ends[j - 1] if j else 0.0
+    local = base + np.cumsum(w[j * _BLOCK:(j + 1) * _BLOCK])
+    k = min(int(np.searchsorted(local, x, side="right")), len(local) - 1)
+    margin = 8.0 * len(w) * 2.0**-52 * ends[-1]             # >> any rounding difference
+    lo = local[k - 1] if k else base
+    if local[k] - x > margin and (x - lo > margin or (j == 0 and k == 0)):
+        return int(ids[j * _BLOCK + k])
+    return int(ids[_walk(np.cumsum(w), u)])
+
+
+def _walk(c: np.ndarray, u: float) -> int:
+    """Index of the first cumulative sum c[i] > u * c[-1] (clamped to the last)."""
+    return min(int(np.searchsorted(c, u * c[-1], side="right")), len(c) - 1)
+
+
+def select_reference(p: np.ndarray, u: float) -> int:
+    """Slow twin of `select`: the sequential float64 walk written as the spec says."""
+    total, ids = 0.0, [i for i in range(len(p)) if p[i] > 0]
+    cums = []
+    for i in ids:
+        total += float(p[i])
+        cums.append(total)
+    x = u * total
+    for i, c in zip(ids, cums):
+        if c > x:
+            return i
+    return ids[-1]
+
+
+# -- top_p internals ----------------------------------------------------------------------
+
+_FRACTIONS = (2.0**-8, 2.0**-20, 2.0**-40, 0.0)
+
+
+def _top_p_keep(p: np.ndarray, top_p: float) -> np.ndarray:
+    """Ids kept by the nucleus rule, without sorting the vocabulary.
+
+    The candidates {p >= f * max p} all precede every other token in the sorted order,
+    so if their mass already reaches top_p the rule is decided among them; else a
+    lower threshold is tried, down to the whole vocabulary.
+    """
+    pmax = p.max()
+    for f in _FRACTIONS:
+        cand = np.flatnonzero(p >= pmax * f) if f else np.arange(len(p))
+        order = cand[np.lexsort((cand, -p[cand]))]
+        cum = np.cumsum(p[order])
+        if cum[-1] >= top_p or not f:
+            before = np.concatenate(([0.0], cum[:-1]))
+            keep = before < top_p
+            keep[0] = True
+            return np.sort(order[keep])
+    raise AssertionError("unreachable")
+
+
+def _renormalise(p: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(p)
+    out[kept] = p[kept] / p[kept].sum()
+    return out
+
+
+def top_p_reference(p: np.ndarray, top_p: float) -> np.ndarray:
+    """Slow twin of the top_p stage: a full stable sort, as the spec says."""
+    if top_p >= 1:
+        return p
+    order = np.argsort(-p, kind="stable")
+    cum = np.cumsum(p[order])
+    before = np.concatenate(([0.0], cum[:-1]))
+    keep = before < top_p
+    keep[0] = True
+    return _renormalise(p, np.sort(order[keep]))
+
+
+# -- log-probabilities and top-k (used by logprobs.py and trace.py) -----------------------
+
+def log_softmax_at(z: np.ndarray, ids) -> np.ndarray:
+    """log_softmax(z)[ids] = (z - max z) - log(sum(exp(z - max z))), float64."""
+    m = z.max()
+    return (z[ids] - m) - np.log(np.exp(z - m).sum())
+
+
+def top_k(x: np.ndarray, k: int, positive: bool = False) -> list[int]:
+    """The k largest entries' ids, descending, ties by ascending id; no sort of x.
+
+    With positive=True only entries > 0 qualify (for probabilities after top_p).
+    """
+    out: list[int] = []
+    if k <= 0:
+        return out
+    y = x.copy()
+    for _ in range(min(k, len(y))):
+        i = int(np.argmax(y))
+        if positive and not y[i] > 0:
+            break
+        out.append(i)
+        y[i] = -np.inf
+    return out
