@@ -1,0 +1,162 @@
+"""Each sampling stage on hand-built 4-token distributions; fast paths against slow twins."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from refcomplete import sampling as S
+from refcomplete.sampling import SamplingParams, State
+
+
+def state(**kw):
+    counts = kw.pop("counts", {})
+    return State(SamplingParams(**kw), counts)
+
+
+Z = np.log(np.array([0.1, 0.4, 0.3, 0.2]))
+
+
+def test_stage_order_is_written_once():
+    assert [name for name, _ in S.STAGES] == ["logit_bias", "penalties", "temperature",
+                                              "softmax", "top_p"]
+    assert S.GREEDY_STAGES == S.STAGES[:2]
+
+
+def test_logit_bias_adds_to_listed_ids():
+    out = S.logit_bias(Z, state(logit_bias=((0, 2.0), (3, -100.0))))
+    assert out.tolist() == [Z[0] + 2.0, Z[1], Z[2], Z[3] - 100.0]
+
+
+def test_penalties_follow_openais_formula():
+    # mu[j] - c[j] * alpha_frequency - float(c[j] > 0) * alpha_presence
+    st_ = state(frequency_penalty=0.5, presence_penalty=1.5, counts={1: 3, 2: 1})
+    c = np.array([0, 3, 1, 0])
+    expected = Z - c * 0.5 - (c > 0) * 1.5
+    assert np.array_equal(S.penalties(Z, st_), expected)
+
+
+def test_negative_penalties_encourage_repetition():
+    out = S.penalties(Z, state(frequency_penalty=-2.0, presence_penalty=-2.0, counts={0: 2}))
+    assert out[0] == Z[0] + 6.0 and np.array_equal(out[1:], Z[1:])
+
+
+def test_temperature_divides():
+    assert np.array_equal(S.temperature(Z, state(temperature=0.5)), Z / 0.5)
+    assert S.temperature(Z, state(temperature=1.0)) is Z
+
+
+def test_softmax_float64():
+    p = S.softmax(np.array([0.0, 0.0, np.log(2.0), 0.0]))
+    assert p.dtype == np.float64 and np.allclose(p, [0.2, 0.2, 0.4, 0.2])
+
+
+@pytest.mark.parametrize("top_p,kept", [
+    (0.0, [1]),            # the first token is always kept
+    (0.4, [1]),            # mass before 0.3 is 0.4, not < 0.4
+    (0.41, [1, 2]),
+    (0.7, [1, 2]),         # before 0.2 is 0.7: dropped
+    (0.71, [1, 2, 3]),
+    (0.95, [0, 1, 2, 3]),
+    (1.0, [0, 1, 2, 3]),
+])
+def test_top_p_keeps_while_mass_before_is_below(top_p, kept):
+    p = np.array([0.1, 0.4, 0.3, 0.2])
+    out = S.top_p(p, state(top_p=top_p))
+    assert np.flatnonzero(out).tolist() == kept
+    assert np.isclose(out.sum(), 1.0)
+    assert np.allclose(out[kept], p[kept] / p[kept].sum())
+
+
+def test_top_p_ties_break_by_ascending_id():
+    p = np.array([0.25, 0.25, 0.25, 0.25])
+    assert np.flatnonzero(S.top_p(p, state(top_p=0.5))).tolist() == [0, 1]
+    assert np.flatnonzero(S.top_p(p, state(top_p=0.3))).tolist() == [0, 1]
+    assert np.flatnonzero(S.top_p(p, state(top_p=0.2))).tolist() == [0]
+
+
+def test_select_walks_ascending_ids():
+    p = np.array([0.1, 0.4, 0.3, 0.2])
+    assert [S.select(p, u) for u in (0.0, 0.0999, 0.1, 0.49, 0.5, 0.79, 0.8, 0.9999)] == \
+        [0, 0, 1, 1, 2, 2, 3, 3]
+    assert S.select(np.array([0.0, 0.5, 0.0, 0.5]), 0.0) == 1   # zero mass is never chosen
+    assert S.select(p * 3, 0.5) == S.select(p, 0.5)               # unnormalised is fine
+
+
+def test_greedy_lowest_id_on_ties():
+    assert S.greedy(np.array([1.0, 3.0, 3.0, 2.0])) == 1
+
+
+def test_run_greedy_stops_after_penalties():
+    x, seen = S.run(Z, state(temperature=0.0, logit_bias=((0, 5.0),)), trace=True)
+    assert [n for n, _ in seen] == ["logit_bias", "penalties"]
+    assert S.greedy(x) == 0
+
+
+def test_stages_do_not_mutate_their_input():
+    z = Z.copy()
+    st_ = state(temperature=0.7, top_p=0.5, frequency_penalty=1, presence_penalty=1,
+                logit_bias=((1, 3.0),), counts={2: 2})
+    p, seen = S.run(z, st_, trace=True)
+    assert np.array_equal(z, Z)
+    assert len({id(x) for _, x in seen}) == len(seen)     # a new array after every stage
+    assert np.isclose(p.sum(), 1.0)
+
+
+def test_top_k_descending_ties_by_id():
+    x = np.array([1.0, 5.0, 3.0, 5.0, 3.0])
+    assert S.top_k(x, 3) == [1, 3, 2]
+    assert S.top_k(x, 0) == []
+    assert S.top_k(np.array([0.0, 0.7, 0.3, 0.0]), 4, positive=True) == [1, 2]
+
+
+def test_log_softmax_at():
+    z = np.array([1.0, 2.0, 3.0, 4.0])
+    ref = z - np.log(np.exp(z).sum())
+    assert np.allclose(S.log_softmax_at(z, [3, 0]), ref[[3, 0]], atol=1e-15)
+
+
+# -- fast paths against slow twins ---------------------------------------------------------
+
+probs = st.lists(st.integers(0, 6), min_size=1, max_size=40).filter(any).map(
+    lambda w: np.array(w, dtype=np.float64) / sum(w))   # many exact ties and zeros
+
+
+@settings(max_examples=150, deadline=None)
+@given(probs, st.floats(0, 1))
+def test_top_p_fast_equals_reference(p, top_p):
+    assert np.array_equal(S.top_p(p, state(top_p=top_p)), S.top_p_reference(p, top_p))
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.floats(0, 1), st.floats(0.2, 4))
+def test_top_p_fast_equals_reference_full_vocab(seed, top_p, scale):
+    z = np.random.default_rng(seed).standard_normal(50257) * scale
+    p = S.softmax(z)
+    assert np.array_equal(S.top_p(p, state(top_p=top_p)), S.top_p_reference(p, top_p))
+
+
+def test_top_p_fast_path_reaches_the_whole_vocabulary():
+    p = np.full(50257, 1 / 50257)          # flat: every threshold set is the whole vocab
+    out = S.top_p(p, state(top_p=0.5))
+    assert np.array_equal(out, S.top_p_reference(p, 0.5))
+    assert np.count_nonzero(out) == 25129
+
+
+@settings(max_examples=150, deadline=None)
+@given(probs, st.floats(0, 1, exclude_max=True))
+def test_select_equals_reference_small(p, u):
+    assert S.select(p, u) == S.select_reference(p, u)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.floats(0, 1, exclude_max=True), st.floats(0.1, 3))
+def test_select_equals_reference_blocked(seed, u, scale):
+    p = S.softmax(np.random.default_rng(seed).standard_normal(50257) * scale)
+    assert S.select(p, u) == S.select_reference(p, u)
+
+
+def test_select_blocked_falls_back_exactly_at_boundaries():
+    p = np.full(8192, 1 / 8192)
+    for k in (0, 1, 255, 256, 4095, 8191):
+        for u in (k / 8192, np.nextafter(k / 8192, 0), np.nextafter(k / 8192, 1)):
+            assert S.select(p, u) == S.select_reference(p, u)
