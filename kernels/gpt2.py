@@ -9,9 +9,11 @@ the session, V = vocabulary.
 
 Batch invariance (SEMANTICS 4): every output element is computed by one thread, with
 a reduction order that depends only on its own row, never on B or on which rows share
-the step. Reductions over K run k = 0, 1, ..., K-1 in order (no reassociation:
-fastmath is off); dot products use 8 interleaved partial sums, combined pairwise.
-Parallel loops split only over output columns / vocabulary / (row, head) pairs.
+the step. Reductions over K in the linear layers run k = 0, 1, ..., K-1 strictly in
+order (no reassociation, no FMA contraction), so they are also the same on any CPU.
+Dot products are vectorised by LLVM (see DOT_FLAGS): same order for every row.
+Parallel loops split only over output columns / vocabulary / (row, head) pairs;
+`tasks` (the linear layers' split, normally numba.get_num_threads()) never changes a value.
 """
 
 import math
@@ -20,41 +22,50 @@ import numpy as np
 from numba import njit, prange
 
 GELU_C = np.float32(math.sqrt(2.0 / math.pi))
-COLS_PER_TASK = 128     # output columns per parallel task of a linear layer
 VOCAB_PER_TASK = 512    # vocabulary rows per parallel task of the LM head
+# Dot products (LM head, attention scores and softmax sums) may be reassociated so that
+# LLVM vectorises them: the order is then fixed by the compiled code for this CPU, the
+# same for every row, so results stay batch invariant (but may differ across CPU kinds).
+DOT_FLAGS = {"reassoc", "nsz"}
 
 
 # ----------------------------------------------------------------------------- helpers
 
 @njit(cache=True, inline="always")
-def _dot8(a, b, n):
-    """sum(a[:n] * b[:n]) with 8 interleaved partial sums, combined pairwise."""
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
-    n8 = n - n % 8
-    for i in range(0, n8, 8):
-        s0 += a[i] * b[i]
-        s1 += a[i + 1] * b[i + 1]
-        s2 += a[i + 2] * b[i + 2]
-        s3 += a[i + 3] * b[i + 3]
-        s4 += a[i + 4] * b[i + 4]
-        s5 += a[i + 5] * b[i + 5]
-        s6 += a[i + 6] * b[i + 6]
-        s7 += a[i + 7] * b[i + 7]
-    for i in range(n8, n):
-        s0 += a[i] * b[i]
-    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+def _cols_per_task(N, tasks):
+    """Split N output columns into `tasks` parallel tasks, in multiples of 16."""
+    per = (N + tasks - 1) // tasks
+    return max(16, (per + 15) // 16 * 16)
 
 
 @njit(cache=True, inline="always")
 def _matmul_cols(x, w, n0, n1, acc):
-    """acc[:, :n1-n0] = x @ w[:, n0:n1], summing over k in order."""
+    """acc[:, :n1-n0] = x @ w[:, n0:n1], summing over k strictly in order k = 0, 1, ...
+
+    Four k-steps are applied per pass over acc, as (((a + x0*w0) + x1*w1) + x2*w2) + x3*w3:
+    the same order as one step at a time, with a quarter of the loads and stores.
+    """
     B, K = x.shape
-    acc[:, : n1 - n0] = 0.0
-    for k in range(K):
+    L = n1 - n0
+    acc[:, :L] = 0.0
+    K4 = K - K % 4
+    for k in range(0, K4, 4):
+        w0 = w[k, n0:n1]
+        w1 = w[k + 1, n0:n1]
+        w2 = w[k + 2, n0:n1]
+        w3 = w[k + 3, n0:n1]
+        for b in range(B):
+            x0, x1, x2, x3 = x[b, k], x[b, k + 1], x[b, k + 2], x[b, k + 3]
+            ab = acc[b]
+            for j in range(L):
+                ab[j] = (((ab[j] + x0 * w0[j]) + x1 * w1[j]) + x2 * w2[j]) + x3 * w3[j]
+    for k in range(K4, K):
+        wk = w[k, n0:n1]
         for b in range(B):
             xv = x[b, k]
-            for n in range(n0, n1):
-                acc[b, n - n0] += xv * w[k, n]
+            ab = acc[b]
+            for j in range(L):
+                ab[j] += xv * wk[j]
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -77,13 +88,14 @@ def layer_norm(x, g, bias, eps, out):                       # [B, C] -> out [B, 
 
 
 @njit(cache=True, parallel=True)
-def linear(x, w, bias, out):                                # [B, K] @ [K, N] + [N] -> out [B, N]
+def linear(x, w, bias, out, tasks):                                # [B, K] @ [K, N] + [N] -> out [B, N]
     B = x.shape[0]
     N = w.shape[1]
-    for t in prange((N + COLS_PER_TASK - 1) // COLS_PER_TASK):
-        n0 = t * COLS_PER_TASK
-        n1 = min(N, n0 + COLS_PER_TASK)
-        acc = np.empty((B, COLS_PER_TASK), np.float32)
+    T = _cols_per_task(N, tasks)
+    for t in prange((N + T - 1) // T):
+        n0 = t * T
+        n1 = min(N, n0 + T)
+        acc = np.empty((B, T), np.float32)
         _matmul_cols(x, w, n0, n1, acc)
         for b in range(B):
             for n in range(n0, n1):
@@ -91,13 +103,14 @@ def linear(x, w, bias, out):                                # [B, K] @ [K, N] + 
 
 
 @njit(cache=True, parallel=True)
-def linear_gelu(x, w, bias, out):                           # gelu_new([B, K] @ [K, N] + [N])
+def linear_gelu(x, w, bias, out, tasks):                           # gelu_new([B, K] @ [K, N] + [N])
     B = x.shape[0]
     N = w.shape[1]
-    for t in prange((N + COLS_PER_TASK - 1) // COLS_PER_TASK):
-        n0 = t * COLS_PER_TASK
-        n1 = min(N, n0 + COLS_PER_TASK)
-        acc = np.empty((B, COLS_PER_TASK), np.float32)
+    T = _cols_per_task(N, tasks)
+    for t in prange((N + T - 1) // T):
+        n0 = t * T
+        n1 = min(N, n0 + T)
+        acc = np.empty((B, T), np.float32)
         _matmul_cols(x, w, n0, n1, acc)
         for b in range(B):
             for n in range(n0, n1):
@@ -107,30 +120,36 @@ def linear_gelu(x, w, bias, out):                           # gelu_new([B, K] @ 
 
 
 @njit(cache=True, parallel=True)
-def linear_residual(x, w, bias, resid):                     # resid [B, N] += [B, K] @ [K, N] + [N]
+def linear_residual(x, w, bias, resid, tasks):                     # resid [B, N] += [B, K] @ [K, N] + [N]
     B = x.shape[0]
     N = w.shape[1]
-    for t in prange((N + COLS_PER_TASK - 1) // COLS_PER_TASK):
-        n0 = t * COLS_PER_TASK
-        n1 = min(N, n0 + COLS_PER_TASK)
-        acc = np.empty((B, COLS_PER_TASK), np.float32)
+    T = _cols_per_task(N, tasks)
+    for t in prange((N + T - 1) // T):
+        n0 = t * T
+        n1 = min(N, n0 + T)
+        acc = np.empty((B, T), np.float32)
         _matmul_cols(x, w, n0, n1, acc)
         for b in range(B):
             for n in range(n0, n1):
                 resid[b, n] = resid[b, n] + (acc[b, n - n0] + bias[n])
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=DOT_FLAGS)
 def lm_head(x, wte, out):                                   # [B, C] . [V, C] -> out [B, V]
     B, C = x.shape
     V = wte.shape[0]
     for t in prange((V + VOCAB_PER_TASK - 1) // VOCAB_PER_TASK):
         for v in range(t * VOCAB_PER_TASK, min(V, (t + 1) * VOCAB_PER_TASK)):
+            wv = wte[v]
             for b in range(B):
-                out[b, v] = _dot8(x[b], wte[v], C)
+                xb = x[b]
+                s = np.float32(0.0)
+                for c in range(C):
+                    s += xb[c] * wv[c]
+                out[b, v] = s
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=DOT_FLAGS)
 def attend(q, k_pre, v_pre, n_pre, k_row, v_row, rows, n_row, out):
     """Causal attention of one new query per row over the shared prompt and the row's own past.
 
@@ -146,10 +165,19 @@ def attend(q, k_pre, v_pre, n_pre, k_row, v_row, rows, n_row, out):
         r = rows[b]
         m = n_row[b]
         s = np.empty(n_pre + m, np.float32)
+        qh = q[b, h]
         for t in range(n_pre):
-            s[t] = _dot8(q[b, h], k_pre[h, t], D) / scale
+            kt = k_pre[h, t]
+            acc = np.float32(0.0)
+            for d in range(D):
+                acc += qh[d] * kt[d]
+            s[t] = acc / scale
         for t in range(m):
-            s[n_pre + t] = _dot8(q[b, h], k_row[r, h, t], D) / scale
+            kt = k_row[r, h, t]
+            acc = np.float32(0.0)
+            for d in range(D):
+                acc += qh[d] * kt[d]
+            s[n_pre + t] = acc / scale
         mx = s[0]
         for t in range(1, n_pre + m):
             mx = max(mx, s[t])

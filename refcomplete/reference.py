@@ -19,7 +19,7 @@ GELU_C = np.float32(np.sqrt(2.0 / np.pi))
 
 def gelu_new(x):
     """GPT-2's tanh approximation of GELU (HF "gelu_new")."""
-    return 0.5 * x * (1 + np.tanh(GELU_C * (x + np.float32(0.044715) * x ** 3)))
+    return 0.5 * x * (1 + np.tanh(GELU_C * (x + np.float32(0.044715) * (x * x * x))))
 
 
 def layer_norm(x, g, b, eps):                                   # [T, C] -> [T, C]

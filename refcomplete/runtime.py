@@ -27,9 +27,12 @@ class GPT2Model:
     """A loaded GPT-2 checkpoint, ready to open decode sessions."""
 
     def __init__(self, checkpoint: Checkpoint, name: str | None = None):
+        import numba
+
         from refcomplete.kernels import gpt2 as kernels  # imports numba: only here
 
         self._k = kernels
+        self._tasks = numba.get_num_threads()
         self.checkpoint = checkpoint
         self.config = checkpoint.config
         self.params = checkpoint.params
@@ -104,15 +107,15 @@ class Session:
         f = np.empty((B, 4 * C), np.float32)
         for layer, blk in enumerate(p.blocks):
             k.layer_norm(x, blk["ln_1.weight"], blk["ln_1.bias"], cfg.layer_norm_epsilon, h)
-            k.linear(h, blk["attn.c_attn.weight"], blk["attn.c_attn.bias"], qkv)
+            k.linear(h, blk["attn.c_attn.weight"], blk["attn.c_attn.bias"], qkv, m._tasks)
             q, kn, vn = (qkv[:, i * C:(i + 1) * C].reshape(B, H, D) for i in range(3))
             self.k_row[layer][rows, :, slot] = kn
             self.v_row[layer][rows, :, slot] = vn
             k.attend(np.ascontiguousarray(q), self.k_pre[layer], self.v_pre[layer], T,
                      self.k_row[layer], self.v_row[layer], rows, slot + 1, a)
-            k.linear_residual(a.reshape(B, C), blk["attn.c_proj.weight"], blk["attn.c_proj.bias"], x)
+            k.linear_residual(a.reshape(B, C), blk["attn.c_proj.weight"], blk["attn.c_proj.bias"], x, m._tasks)
             k.layer_norm(x, blk["ln_2.weight"], blk["ln_2.bias"], cfg.layer_norm_epsilon, h)
-            k.linear_gelu(h, blk["mlp.c_fc.weight"], blk["mlp.c_fc.bias"], f)
-            k.linear_residual(f, blk["mlp.c_proj.weight"], blk["mlp.c_proj.bias"], x)
+            k.linear_gelu(h, blk["mlp.c_fc.weight"], blk["mlp.c_fc.bias"], f, m._tasks)
+            k.linear_residual(f, blk["mlp.c_proj.weight"], blk["mlp.c_proj.bias"], x, m._tasks)
         self.n_row[rows] += 1
         return m._head(x)

@@ -27,12 +27,12 @@ SHAPES = [(1, 16, 24), (3, 64, 300), (5, 40, 257)]  # (B, K, N): N not a multipl
 def test_linear_family_matches_twins(B, K, N):
     x, w, b, resid = rand(B, K), rand(K, N, scale=0.2), rand(N), rand(B, N)
     out = np.empty((B, N), np.float32)
-    k.linear(x, w, b, out)
+    k.linear(x, w, b, out, 2)
     np.testing.assert_allclose(out, k.linear_ref(x, w, b), rtol=1e-5, atol=1e-5)
-    k.linear_gelu(x, w, b, out)
+    k.linear_gelu(x, w, b, out, 3)
     np.testing.assert_allclose(out, k.linear_gelu_ref(x, w, b), rtol=1e-5, atol=1e-5)
     expect = k.linear_residual_ref(x, w, b, resid)
-    k.linear_residual(x, w, b, resid)
+    k.linear_residual(x, w, b, resid, 2)
     np.testing.assert_allclose(resid, expect, rtol=1e-5, atol=1e-5)
 
 
@@ -66,10 +66,10 @@ def test_kernels_are_batch_invariant():
     """A row's result is bitwise the same alone or in any batch (SEMANTICS 4)."""
     x, w, b = rand(6, 64), rand(64, 300, scale=0.2), rand(300)
     full = np.empty((6, 300), np.float32)
-    k.linear(x, w, b, full)
+    k.linear(x, w, b, full, 2)
     for i in range(6):
         one = np.empty((1, 300), np.float32)
-        k.linear(x[i:i + 1], w, b, one)
+        k.linear(x[i:i + 1], w, b, one, 1 + i % 3)  # the task split never changes a value
         assert np.array_equal(one[0], full[i])
     wte = rand(2000, 64)
     full = np.empty((6, 2000), np.float32)
