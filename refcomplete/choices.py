@@ -22,7 +22,10 @@ from refcomplete.decode import Piece, Plan, generate
 
 def choice_pieces(model, prompt_ids, plan: Plan, n: int, prompt_index: int
                   ) -> Iterator[tuple[int, Piece]]:
-    """(choice index, piece) for one prompt's n choices, from plan.rows = best_of candidates."""
+    """(choice index, piece) for one prompt's n choices, from plan.rows = best_of candidates.
+
+    The pieces of best_of candidates that are not returned come with index None: they
+    count in usage.completion_tokens and are shown nowhere else."""
     pieces = generate(model, list(prompt_ids), plan)
     if plan.rows == n:
         for piece in pieces:
@@ -31,9 +34,9 @@ def choice_pieces(model, prompt_ids, plan: Plan, n: int, prompt_index: int
     by_row: list[list[Piece]] = [[] for _ in range(plan.rows)]
     for piece in pieces:
         by_row[piece.row].append(piece)
-    for rank, row in enumerate(ranking(by_row)[:n]):
+    for rank, row in enumerate(ranking(by_row)):
         for piece in by_row[row]:
-            yield prompt_index * n + rank, piece
+            yield (prompt_index * n + rank if rank < n else None), piece
 
 
 def ranking(by_row: list[list[Piece]]) -> list[int]:

@@ -6,7 +6,7 @@ Does not know: sampling decisions, stop strings, streams. This is the only modul
 builds a logprobs object; a stream's deltas and the non-streamed response both come
 from `block`, and `concat` folds deltas.
 
-    >>> block(tok, [(5, Token(11, -0.25, ((11, -0.25), (13, -1.5))))], k=1)
+    >>> block(tok, [(5, Token(11, -0.25, top=((11, -0.25),)))], k=1)
     {'tokens': [','], 'token_logprobs': [-0.25], 'top_logprobs': [{',': -0.25}], 'text_offset': [5]}
 
 OpenAI: "Include the log probabilities on the logprobs most likely output tokens, as

@@ -25,11 +25,12 @@ from refcomplete import logprobs
 def completion_chunks(head: dict, tokenizer, indexed_pieces, prompt_tokens: int,
                       k: int | None, trace: bool) -> Iterator[dict]:
     """Chunks from (choice index, decode.Piece) pairs; head holds id/object/created/model/
-    system_fingerprint. Chunks with nothing to show are skipped."""
+    system_fingerprint. Chunks with nothing to show, and pieces of best_of candidates that
+    are not returned (index None), are skipped; the latter still count in usage."""
     completion_tokens = 0
     for index, piece in indexed_pieces:
         completion_tokens += piece.generated
-        if not (piece.text or piece.finish or (piece.tokens and (k is not None or trace))):
+        if index is None or not (piece.text or piece.finish or (piece.tokens and (k is not None or trace))):
             continue
         choice = {"text": piece.text, "index": index,
                   "logprobs": logprobs.block(tokenizer, list(piece.tokens), k),
