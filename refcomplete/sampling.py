@@ -189,7 +189,7 @@ def select_reference(p: np.ndarray, u: float) -> int:
 
 # -- top_p internals ----------------------------------------------------------------------
 
-_FRACTIONS = (2.0**-8, 2.0**-20, 2.0**-40, 0.0)
+_FRACTIONS = (2.0**-6, 2.0**-9, 2.0**-12, 2.0**-16, 2.0**-20, 2.0**-28, 2.0**-40, 0.0)
 
 
 def _top_p_keep(p: np.ndarray, top_p: float) -> np.ndarray:
@@ -197,11 +197,14 @@ def _top_p_keep(p: np.ndarray, top_p: float) -> np.ndarray:
 
     The candidates {p >= f * max p} all precede every other token in the sorted order,
     so if their mass already reaches top_p the rule is decided among them; else a
-    lower threshold is tried, down to the whole vocabulary.
+    lower threshold is tried, down to the whole vocabulary. A set whose (pairwise) sum
+    is short of top_p by more than any rounding difference is skipped unsorted.
     """
     pmax = p.max()
     for f in _FRACTIONS:
         cand = np.flatnonzero(p >= pmax * f) if f else np.arange(len(p))
+        if f and p[cand].sum() < top_p - 1e-9:     # surely short of top_p: skip the sort
+            continue
         order = cand[np.lexsort((cand, -p[cand]))]
         cum = np.cumsum(p[order])
         if cum[-1] >= top_p or not f:

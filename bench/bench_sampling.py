@@ -1,0 +1,37 @@
+"""P7: sampling + logprob extraction per step at batch 1 over 50,257 logits (target <= 0.3 ms).
+
+Times decode.draw (the whole per-row step minus the model: pipeline, coin, select,
+logprobs) for a few request shapes, and prints the BLAS kernel (threadpoolctl).
+    python bench/bench_sampling.py
+"""
+
+import platform
+import timeit
+
+import numpy as np
+from threadpoolctl import threadpool_info
+
+from refcomplete.decode import Plan, draw
+from refcomplete.sampling import SamplingParams
+from refcomplete.tokenizer import get_tokenizer
+
+tok = get_tokenizer()
+logits = (np.random.default_rng(0).standard_normal(50257) * 3).astype(np.float32)
+counts = {11: 2, 262: 1, 13: 1}
+CASES = {
+    "greedy, no logprobs": (SamplingParams(temperature=0), None),
+    "default (T=1, top_p=1), no logprobs": (SamplingParams(), None),
+    "T=0.8 top_p=0.9 penalties, logprobs=5": (
+        SamplingParams(0.8, 0.9, 0.5, 0.5, ((11, 2.0),)), 5),
+    "T=1 top_p=1, logprobs=5": (SamplingParams(), 5),
+}
+print(f"numpy {np.__version__}, {platform.processor() or platform.machine()}")
+for info in threadpool_info():
+    print(f"BLAS: {info.get('internal_api')} {info.get('version')} kernel={info.get('architecture')}"
+          f" threads={info.get('num_threads')}")
+for name, (params, k) in CASES.items():
+    plan = Plan(rows=1, max_new_tokens=16, sampling=params, seed=1, logprobs=k)
+    step = iter(range(10**9))
+    f = lambda: draw(tok, logits, counts, plan, 0, next(step))  # noqa: E731
+    best = min(timeit.repeat(f, number=200, repeat=5)) / 200
+    print(f"{name:<42} {best * 1e3:6.3f} ms/step")
