@@ -93,8 +93,10 @@ def temperature(z: np.ndarray, st: State) -> np.ndarray:
 
 def softmax(z: np.ndarray, st: State | None = None) -> np.ndarray:
     """p = exp(z - max z) / sum(exp(z - max z)), float64."""
-    e = np.exp(z - z.max())
-    return e / e.sum()
+    e = z - z.max()                 # one fresh array, then in place: fewer page faults
+    np.exp(e, out=e)
+    e /= e.sum()
+    return e
 
 
 def top_p(p: np.ndarray, st: State) -> np.ndarray:
@@ -147,8 +149,9 @@ def select(p: np.ndarray, u: float) -> int:
     than the worst-case rounding difference, else the exact sequential walk decides,
     so the result always equals `select_reference`.
     """
-    ids = np.flatnonzero(p)
-    w = p[ids]
+    dense = bool(p.all())
+    ids = np.arange(len(p)) if dense else np.flatnonzero(p > 0)   # bool: much faster
+    w = p if dense else p[ids]
     if len(w) < _EXACT_BELOW:
         return int(ids[_walk(np.cumsum(w), u)])
     nb = len(w) // _BLOCK
@@ -238,7 +241,9 @@ def top_p_reference(p: np.ndarray, top_p: float) -> np.ndarray:
 def log_softmax_at(z: np.ndarray, ids) -> np.ndarray:
     """log_softmax(z)[ids] = (z - max z) - log(sum(exp(z - max z))), float64."""
     m = z.max()
-    return (z[ids] - m) - np.log(np.exp(z - m).sum())
+    e = z - m
+    np.exp(e, out=e)
+    return (z[ids] - m) - np.log(e.sum())
 
 
 def top_k(x: np.ndarray, k: int, positive: bool = False) -> list[int]:
