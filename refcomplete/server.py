@@ -211,10 +211,12 @@ def create_app(endpoint: Endpoint):
 
 
 def load_endpoint(models: list[str], api_key: str | None = None) -> Endpoint:
-    """Load each named model once (through the registry) and serve it under that name."""
+    """Load each model once (through the registry). A spec is `NAME` (served as NAME) or
+    `NAME=WHERE` (the model at WHERE, a registry name or directory, served as NAME)."""
     from refcomplete.registry import load_model
 
-    return Endpoint({name: load_model(name) for name in models}, api_key=api_key)
+    pairs = [spec.split("=", 1) if "=" in spec else (spec, spec) for spec in models]
+    return Endpoint({name: load_model(where) for name, where in pairs}, api_key=api_key)
 
 
 def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000,
@@ -230,7 +232,8 @@ def add_subcommand(subparsers) -> None:
     """Register `refcomplete serve` on the CLI's subparsers."""
     p = subparsers.add_parser("serve", help="serve POST /v1/completions over HTTP")
     p.add_argument("--model", action="append", dest="models",
-                   help="a model to serve (repeatable; default gpt2-tiny-shakespeare)")
+                   help="a model to serve: NAME or NAME=PATH (repeatable; default "
+                   "gpt2-tiny-shakespeare)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every request")
