@@ -273,11 +273,11 @@ def _greedy_and_samples(model, tok_encode, tok_decode, prompts, n_new=60, seed=1
     import torch
 
     out = {}
-    for p in prompts:
+    for i, p in enumerate(prompts):
         ids = torch.tensor([tok_encode(p)])
         with torch.no_grad():
             g = model.generate(ids, max_new_tokens=n_new, do_sample=False, pad_token_id=50256)
-            torch.manual_seed(seed)
+            torch.manual_seed(seed + i)
             s = model.generate(ids, max_new_tokens=n_new, do_sample=True, temperature=0.8, top_k=0,
                                top_p=1.0, pad_token_id=50256)
         out[p] = {"greedy": tok_decode(g[0, ids.shape[1]:].tolist()),
@@ -285,10 +285,12 @@ def _greedy_and_samples(model, tok_encode, tok_decode, prompts, n_new=60, seed=1
     return out
 
 
-def collapses(text: str, n_tokens_text: str | None = None) -> bool:
-    """Whether a continuation is one non-empty line repeated back to back."""
-    lines = [l for l in text.split("\n") if l.strip()]
-    return any(lines[i] == lines[i + 1] for i in range(len(lines) - 1))
+def collapses(text: str) -> bool:
+    """Whether a continuation repeats itself: a dialogue line (speaker tags "NAME:" ignored)
+    that occurs twice, or a speaker tag + line speech that recurs."""
+    lines = [l.strip() for l in text.split("\n") if l.strip()]
+    dialogue = [l for l in lines if not (l.endswith(":") and len(l) < 40)]
+    return len(dialogue) != len(set(dialogue))
 
 
 def finalize(run: Path, dest: Path, data_dir: Path, hardware: str | None, command: str) -> dict:
@@ -318,7 +320,8 @@ def finalize(run: Path, dest: Path, data_dir: Path, hardware: str | None, comman
     samples = _greedy_and_samples(model, tok.encode, tok.decode, prompts)
     for p in prompts:
         g40 = tok.decode(tok.encode(samples[p]["greedy"])[:40])
-        samples[p]["greedy_collapses_within_40_tokens"] = collapses(g40)
+        samples[p]["greedy_first_40_tokens"] = g40
+        samples[p]["greedy_repeats_within_40_tokens"] = collapses(g40)
     weights = (dest / "model.safetensors").read_bytes()
     cfg = model.config
     info = {
@@ -351,10 +354,14 @@ def finalize(run: Path, dest: Path, data_dir: Path, hardware: str | None, comman
         "weights_dtype": "float32",
         "samples": samples,
     }
+    if (run / "log.jsonl").exists():
+        info["loss_log"] = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if l.strip()]
+    if (run.parent / "sweep.json").exists():
+        info["sweep"] = json.loads((run.parent / "sweep.json").read_text())
     (dest / "training.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
-    print(json.dumps({k: v for k, v in info.items() if k != "samples"}, indent=2))
+    print(json.dumps({k: v for k, v in info.items() if k not in ("samples", "loss_log")}, indent=2))
     for p, s in samples.items():
-        print(f"=== {p!r} greedy (collapses: {s['greedy_collapses_within_40_tokens']}):\n{s['greedy']}\n--- sampled:\n{s['sampled_t0.8']}\n")
+        print(f"=== {p!r} greedy (repeats within 40 tokens: {s['greedy_repeats_within_40_tokens']}):\n{s['greedy']}\n--- sampled:\n{s['sampled_t0.8']}\n")
     return info
 
 
