@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test crosscheck bench clean
+.PHONY: demo test crosscheck notebooks bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ crosscheck: $(STAMP)
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test,crosscheck]'
 	$(BIN)/python -m pytest -q -m crosscheck -rs
+
+## notebooks: execute every notebook top to bottom (nbmake)
+notebooks: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,notebooks]'
+	$(BIN)/python -m pytest -q --nbmake --nbmake-timeout=300 notebooks/
 
 ## bench: throughput against HF transformers in the same run (needs `make crosscheck` first)
 bench: $(STAMP)
