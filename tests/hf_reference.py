@@ -20,6 +20,38 @@ CASES = {  # name -> (config, seed)
 PROMPT = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 50256, 15496]
 STEPS = [11, 995, 0, 50256, 1, 2, 3, 262, 318, 257, 1332, 13, 198, 198, 40, 716, 50255, 30, 20, 628]
 COLUMNS = np.random.default_rng(0).choice(50257, size=2048, replace=False)  # stored subset
+GREEDY_PROMPTS = ["ROMEO:\n", "JULIET:\n", "First Citizen:\n", "To be, or not to be"]
+GREEDY_TOKENS = 40
+
+
+def hf_greedy(directory, prompts=GREEDY_PROMPTS, n=GREEDY_TOKENS) -> list[list[int]]:
+    """HF generate() greedy continuations (no EOS stop), token ids."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from refcomplete.tokenizer import get_tokenizer
+
+    model = GPT2LMHeadModel.from_pretrained(str(directory), dtype=torch.float32).eval()
+    out = []
+    for text in prompts:
+        ids = torch.tensor([get_tokenizer().encode(text)])
+        with torch.no_grad():
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=50256)
+        out.append(gen[0, ids.shape[1]:].tolist())
+    return out
+
+
+def our_greedy(model, prompts=GREEDY_PROMPTS, n=GREEDY_TOKENS) -> list[list[int]]:
+    out = []
+    for text in prompts:
+        sess = model.session(model.tokenizer.encode(text), rows=1, max_new_tokens=n)
+        logits, toks = sess.prefill(), []
+        for _ in range(n):
+            toks.append(int(logits[0].argmax()))
+            logits = sess.step([0], [toks[-1]]) if len(toks) < n else logits
+        out.append(toks)
+    return out
 
 
 def hf_logits(directory) -> tuple[np.ndarray, np.ndarray]:

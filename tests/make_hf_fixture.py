@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_reference import CASES, COLUMNS, hf_logits  # noqa: E402
+from hf_reference import CASES, COLUMNS, hf_greedy, hf_logits  # noqa: E402
 
+from refcomplete._paths import weights_dir  # noqa: E402
 from refcomplete.checkpoint import write_random_checkpoint  # noqa: E402
 
 
@@ -26,6 +27,12 @@ def main():
         arrays[f"{name}/logits"] = full[:, COLUMNS]
         arrays[f"{name}/argmax"] = full.argmax(axis=-1)
         print(name, full.shape)
+    bundled = weights_dir() / "gpt2-tiny-shakespeare"
+    prefill, steps = hf_logits(bundled)
+    full = np.concatenate([prefill, steps])
+    arrays["bundled/logits"] = full[:, COLUMNS]
+    arrays["bundled/argmax"] = full.argmax(axis=-1)
+    arrays["bundled/greedy"] = np.array(hf_greedy(bundled))
     out = Path(__file__).parent / "fixtures" / "hf_logits.npz"
     np.savez_compressed(out, **arrays)
     print("wrote", out)
