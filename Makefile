@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 ## demo: a completion on the bundled model, streamed to the terminal
 demo: $(STAMP)
 	$(BIN)/refcomplete complete "ROMEO:" --max-tokens 60 --temperature 0.8 --top-p 0.95 --seed 1
-	$(BIN)/refcomplete complete "JULIET:" --max-tokens 12 --logprobs 3
+	$(BIN)/refcomplete complete "JULIET:" --max-tokens 12 --temperature 0 --logprobs 3
 
 ## test: the whole test suite (cross-checks against torch run where torch is installed)
 test: $(STAMP)
