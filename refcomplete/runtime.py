@@ -32,7 +32,11 @@ class GPT2Model:
         from refcomplete.kernels import gpt2 as kernels  # imports numba: only here
 
         self._k = kernels
-        self._tasks = numba.get_num_threads()
+        self._numba = numba
+        # Threads: one for narrow models, whose kernels are too small to pay for a parallel
+        # region (which stalls for milliseconds when another process holds a core); all of
+        # them for wide models. Set per call (numba's setting is per thread). Never changes a value.
+        self._tasks = 1 if checkpoint.config.n_embd < 512 else numba.get_num_threads()
         self.checkpoint = checkpoint
         self.config = checkpoint.config
         self.params = checkpoint.params
@@ -54,6 +58,7 @@ class GPT2Model:
 
     def _head(self, x: np.ndarray) -> np.ndarray:                    # [B, C] -> [B, V]
         k, p, cfg = self._k, self.params, self.config
+        self._numba.set_num_threads(self._tasks)
         h = np.empty_like(x)
         k.layer_norm(x, p.ln_f_weight, p.ln_f_bias, cfg.layer_norm_epsilon, h)
         out = np.empty((x.shape[0], self.n_vocab), np.float32)
@@ -100,6 +105,7 @@ class Session:
         B, C, H = len(rows), cfg.n_embd, cfg.n_head
         D, T = C // H, len(self.prompt)
         slot = self.n_row[rows]                                         # [B] cache slot of the new token
+        m._numba.set_num_threads(m._tasks)
         x = m.params.wte[tokens] + m.params.wpe[T + slot]               # [B, C]
         h = np.empty((B, C), np.float32)
         qkv = np.empty((B, 3 * C), np.float32)
