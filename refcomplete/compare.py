@@ -174,8 +174,9 @@ class Judge:
         tags = set(case["tags"])
         if w is None:
             if g is not None:
+                lp0 = "logprobs0" in tags or case["request"].get("logprobs") == 0
                 res.add(where + " top_logprobs", "top_logprobs_for_logprobs0"
-                        if "logprobs0" in tags else "mismatch", "a list where null was expected")
+                        if lp0 else "mismatch", "a list where null was expected")
             return
         if g is None:
             res.add(where + " top_logprobs", "mismatch", "null where a list was expected")
@@ -193,7 +194,10 @@ class Judge:
                 res.add(where + " top_logprobs", name,
                         f"position {i}: keys differ (+{sorted(extra)[:3]} -{sorted(set(b) - set(a))[:3]})")
                 return
-            off = max(abs(a[k] - b[k]) for k in b)
+            if any((a[k] is None) != (b[k] is None) for k in b):
+                res.add(where + " top_logprobs", "mismatch", f"position {i}: null values differ")
+                return
+            off = max((abs(a[k] - b[k]) for k in b if b[k] is not None), default=0.0)
             if off > self.atol:
                 res.add(where + " top_logprobs", "mismatch", f"position {i}: off by {off:.3g}")
                 return
@@ -313,10 +317,12 @@ class Replayer:
             res.add("stream usage", "mismatch", f"{folded['usage']} != {want['usage']}")
 
 
-def run(suite_dir, replayer: Replayer, progress=sys.stderr) -> list[CaseResult]:
-    """Replay every case of a suite; a progress bar goes to `progress` (None: silent)."""
+def run(suite_dir, replayer: Replayer, progress=True) -> list[CaseResult]:
+    """Replay every case of a suite; a progress bar goes to stderr, or to the file
+    `progress` (None: silent)."""
     from refcomplete.golden import load_suite
 
+    progress = sys.stderr if progress is True else progress
     _, cases = load_suite(suite_dir)
     results = []
     for i, case in enumerate(cases, 1):

@@ -34,7 +34,24 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def server_process(*models: str, api_key: str | None = None, timeout: float = 90.0):
-    """Start `refcomplete serve` in a subprocess on a free port; yield its base URL; always kill it."""
+    """Start `refcomplete serve` in a subprocess on a free port; yield its base URL; always
+    kill it. A start that fails (e.g. the port was taken meanwhile) is retried once."""
+    for attempt in range(2):
+        try:
+            cm = _server_process(models, api_key, timeout)
+            url = cm.__enter__()
+            break
+        except RuntimeError:
+            if attempt:
+                raise
+    try:
+        yield url
+    finally:
+        cm.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def _server_process(models, api_key, timeout):
     port = free_port()
     argv = [sys.executable, "-c", "import sys; from refcomplete.server import serve; "
             "serve(sys.argv[1].split(','), port=int(sys.argv[2]), api_key=sys.argv[3] or None, "
