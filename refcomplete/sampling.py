@@ -202,19 +202,25 @@ def _top_p_keep(p: np.ndarray, top_p: float) -> np.ndarray:
     so if their mass already reaches top_p the rule is decided among them; else a
     lower threshold is tried, down to the whole vocabulary. A set whose (pairwise) sum
     is short of top_p by more than any rounding difference is skipped unsorted.
+    The candidates are sorted by an unstable (fast) sort: permuting equal values leaves
+    every cumulative sum unchanged, so only which ids of the last kept value's tie group
+    are kept can differ, and those are then taken by ascending id, as the spec says.
     """
     pmax = p.max()
     for f in _FRACTIONS:
         cand = np.flatnonzero(p >= pmax * f) if f else np.arange(len(p))
-        if f and p[cand].sum() < top_p - 1e-9:     # surely short of top_p: skip the sort
+        pc = p[cand]
+        if f and pc.sum() < top_p - 1e-9:          # surely short of top_p: skip the sort
             continue
-        order = cand[np.lexsort((cand, -p[cand]))]
-        cum = np.cumsum(p[order])
+        vals = pc[np.argsort(-pc)]                 # descending; ties in any order
+        cum = np.cumsum(vals)
         if cum[-1] >= top_p or not f:
             before = np.concatenate(([0.0], cum[:-1]))
-            keep = before < top_p
-            keep[0] = True
-            return np.sort(order[keep])
+            n_keep = max(1, int(np.count_nonzero(before < top_p)))   # `before` is nondecreasing
+            last = vals[n_keep - 1]
+            above = cand[pc > last]
+            ties = cand[pc == last][: n_keep - len(above)]           # lowest ids first
+            return np.sort(np.concatenate((above, ties)))
     raise AssertionError("unreachable")
 
 
