@@ -5,6 +5,7 @@ Public API (explicit re-exports; importing this package does not import numba):
     create                     POST /v1/completions as a call (completions.py)
     CompletionError            what create() raises for a bad request (errors.py)
     sampling, rng              the sampling stages and the coin generator, documented
+    openai_client              an openai.OpenAI client served in-process (client.py; lazy)
 """
 
 from refcomplete.registry import DEFAULT_MODEL, ModelNotFound, list_models, load_model
@@ -14,5 +15,14 @@ from refcomplete._version import __version__
 from refcomplete.completions import create
 from refcomplete.errors import CompletionError
 
+
+def openai_client(*args, **kwargs):
+    """An `openai.OpenAI` client answered in-process by refcomplete; see refcomplete.client.
+    Imports openai and httpx only when called."""
+    from refcomplete.client import openai_client as make
+
+    return make(*args, **kwargs)
+
+
 __all__ = ["DEFAULT_MODEL", "ModelNotFound", "list_models", "load_model",
-           "create", "CompletionError", "sampling", "rng", "__version__"]
+           "create", "CompletionError", "sampling", "rng", "__version__", "openai_client"]

@@ -42,11 +42,16 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--trace", action="store_true", help="show the sampler's work per step")
     c.add_argument("--json", action="store_true", help="print the raw JSON response")
     sub.add_parser("models", help="list the models that can be loaded")
+    from refcomplete import compare, export_gguf, golden, server  # serve, golden, compare, export
+    for module in (server, golden, compare, export_gguf):
+        module.add_subcommand(sub)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "handler", None) is not None:
+        return args.handler(args)
     if args.command == "models":
         from refcomplete.registry import list_models
         for name in list_models():

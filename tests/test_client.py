@@ -82,3 +82,9 @@ def test_async_client():
     a, b = asyncio.run(go())
     assert a == b
 
+
+
+def test_lazy_reexport():
+    import refcomplete
+    client = refcomplete.openai_client(MODEL)
+    assert client.completions.create(model="fake", prompt="Hi", max_tokens=2).choices

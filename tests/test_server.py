@@ -53,9 +53,9 @@ def server_process(*models: str, api_key: str | None = None, timeout: float = 90
 @contextlib.contextmanager
 def _server_process(models, api_key, timeout):
     port = free_port()
-    argv = [sys.executable, "-c", "import sys; from refcomplete.server import serve; "
-            "serve(sys.argv[1].split(','), port=int(sys.argv[2]), api_key=sys.argv[3] or None, "
-            "log_level='warning')", ",".join(models), str(port), api_key or ""]
+    argv = [sys.executable, "-m", "refcomplete.cli", "serve", "--port", str(port),
+            "--log-level", "warning", *[a for m in models for a in ("--model", m)],
+            *(["--api-key", api_key] if api_key else [])]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
