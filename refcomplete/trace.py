@@ -92,7 +92,7 @@ def format_trace(steps: list[dict], width: int = 14, stages: tuple[str, ...] | N
       *','            0.412 *','            0.470
        ' the'         0.200  ' the'         0.230
       ...
-    The chosen token is starred; when it is outside a column's top 5 an extra row shows
+    "top_p kept" appears when top_p removed tokens. The chosen token is starred; when it is outside a column's top 5 an extra row shows
     its probability in every column (`…` where it is in the top).
     """
     lines = []
@@ -105,7 +105,7 @@ def format_trace(steps: list[dict], width: int = 14, stages: tuple[str, ...] | N
         if "candidate" in s:
             head = f"candidate {s['candidate']}  " + head
         tp = next((st for st in s["stages"] if "kept" in st), None)
-        if tp is not None:
+        if tp is not None and tp["mass"] < 1 - 1e-9:        # top_p removed something
             head += f"   top_p kept {tp['kept']} (mass {tp['mass']:.3f})"
         lines.append(head)
         lines.append("  " + "".join(f"{st['stage']:<{width + 8}}" for st in cols))

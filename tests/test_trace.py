@@ -72,6 +72,8 @@ def test_format_trace_can_show_only_some_stages():
     table = format_trace([rec], stages=("raw", "top_p"))
     header = table.splitlines()[1].split()
     assert header == ["raw", "top_p"] and "kept 2" in table.splitlines()[0]
+    whole, _ = step()                                      # top_p = 1 removes nothing: not shown
+    assert "kept" not in format_trace([whole]) and whole["stages"][-1]["kept"] == 7
 
 
 def test_each_traced_coin_is_the_documented_coin_and_lies_in_its_interval():
