@@ -92,8 +92,9 @@ def format_trace(steps: list[dict], width: int = 14, stages: tuple[str, ...] | N
       *','            0.412 *','            0.470
        ' the'         0.200  ' the'         0.230
       ...
-    "top_p kept" appears when top_p removed tokens. The chosen token is starred; when it is outside a column's top 5 an extra row shows
-    its probability in every column (`…` where it is in the top).
+    "top_p kept" appears when top_p removed tokens. The chosen token is starred; when it
+    is outside a column's top 5 an extra row shows its probability in every column (`…`
+    where it is in the top).
     """
     lines = []
     for s in steps:
