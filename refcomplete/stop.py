@@ -69,7 +69,8 @@ class RowText:
         self._pending: list[tuple[int, Any]] = []
 
     def push(self, token: int, record: Any, *, has_text: bool = True, end: bool = False):
-        self._pending.append((len(self.text), record))
+        carried = self._decoder.carried(token) if has_text else 0   # U+FFFD of earlier bytes
+        self._pending.append((len(self.text) + carried, record))
         new = self._decoder.feed(token) if has_text else ""
         if end:
             new += self._decoder.flush()

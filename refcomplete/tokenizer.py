@@ -126,6 +126,24 @@ class StreamDecoder:
     def feed(self, token: int) -> str:
         return self._dec.decode(self._tok.token_bytes(token))
 
+    def carried(self, token: int) -> int:
+        """Leading characters that feed(token) will emit for bytes that came before it.
+
+        1 when the token breaks an unfinished character, whose bytes then become one
+        U+FFFD that belongs to the earlier tokens; 0 otherwise (nothing pending, or the
+        token continues the character, which then counts as starting before it).
+        """
+        pending = self._dec.getstate()[0]
+        if not pending:
+            return 0
+        lead = pending[0]
+        need = (2 if lead < 0xE0 else 3 if lead < 0xF0 else 4) - len(pending)
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(pending + self._tok.token_bytes(token)[:need])
+            return 0
+        except UnicodeDecodeError:
+            return 1
+
     def flush(self) -> str:
         return self._dec.decode(b"", final=True)
 

@@ -81,3 +81,14 @@ def test_no_network_or_cache_use(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
     Tokenizer(RANKS)
     assert not (tmp_path / "cache").exists()
+
+
+def test_carried_counts_replacement_of_broken_characters(tok):
+    dec = tok.stream_decoder()
+    assert dec.carried(447) == 0 and dec.feed(447) == ""           # first half of '\u2019'
+    assert dec.carried(247) == 0                                   # completes it: starts before
+    dec = tok.stream_decoder()
+    dec.feed(447)
+    victim = tok.encode(" victim")[0]
+    assert dec.carried(victim) == 1                                # breaks it: one U+FFFD is earlier
+    assert dec.feed(victim) == "\ufffd victim"
