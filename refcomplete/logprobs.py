@@ -71,7 +71,7 @@ def prompt_tokens(tokenizer, prompt, logits: np.ndarray | None, k: int | None) -
                 v = [float(a) for a in log_softmax_at(z, ids)]
                 lps[t], tops[t] = v[0], tuple(zip(ids[1:], v[1:]))
     for t, token in enumerate(prompt):
-        out.append((offset, Token(token, lps[t], tops[t])))
+        out.append((offset + dec.carried(token), Token(token, lps[t], tops[t])))
         offset += len(dec.feed(token))
     return out
 
