@@ -97,5 +97,5 @@ def draw(tok, logits: np.ndarray, counts: Counter, plan: Plan, row: int, step: i
     if plan.rank:
         raw = lp if lp is not None and not plan.processed else float(
             sampling.log_softmax_at(z, [token])[0])
-    record = trace.record(tok, step, z, seen, coin, token) if plan.trace else None
+    record = trace.record(tok, step, z, seen, coin, token, candidate=row) if plan.trace else None
     return Token(token, lp, top, raw, record)

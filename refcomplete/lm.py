@@ -43,3 +43,6 @@ class LanguageModel(Protocol):
     def session(self, prompt: Sequence[int], rows: int, max_new_tokens: int) -> Session:
         """A KV-cache session: `rows` candidates continuing the same prompt, each for at most
         max_new_tokens steps. Requires len(prompt) + max_new_tokens <= n_ctx."""
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """float32 [T, V] logits for every position of ids (a prefill; used for scoring)."""
