@@ -19,25 +19,15 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_runtime import checkpoint, facts  # noqa: E402
+from bench_runtime import best_of, checkpoint, facts  # noqa: E402
 
 from refcomplete._paths import weights_dir  # noqa: E402
 
 TINY = weights_dir() / "gpt2-tiny-shakespeare"
 PROMPT = "ROMEO:\nBut, soft! what light through yonder window breaks?\n"
-
-
-def best(fn, repeats=2):
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return min(out)
 
 
 def ours(model: str, tokens: int, **kw) -> float:
@@ -51,7 +41,7 @@ def ours(model: str, tokens: int, **kw) -> float:
         r = refcomplete.create(**req)
         assert r["usage"]["completion_tokens"] == rows * tokens, r["usage"]  # no early EOS/stop
 
-    return rows * tokens / best(run)
+    return rows * tokens / best_of(run, 2)
 
 
 def hf(model_dir: Path, tokens: int, rows=1, sample=False, top_p=None, temperature=None,
@@ -88,14 +78,14 @@ def hf(model_dir: Path, tokens: int, rows=1, sample=False, top_p=None, temperatu
                     torch.log_softmax(step.double(), dim=-1).topk(5)
 
     run()
-    return rows * tokens / best(run)
+    return rows * tokens / best_of(run, 2)
 
 
 def first_token_fresh_process() -> float:
     cli = Path(sys.executable).parent / "refcomplete"
     cmd = [str(cli), "complete", "ROMEO:", "--max-tokens", "1", "--temperature", "0"]
     subprocess.run(cmd, check=True, capture_output=True)           # warm the Numba cache
-    return best(lambda: subprocess.run(cmd, check=True, capture_output=True), 3)
+    return best_of(lambda: subprocess.run(cmd, check=True, capture_output=True), 3)
 
 
 def main():
