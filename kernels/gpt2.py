@@ -68,6 +68,16 @@ def _matmul_cols(x, w, n0, n1, acc):
                 ab[j] += xv * wk[j]
 
 
+@njit(cache=True, inline="always")
+def _task(x, w, t, T):
+    """Task t of a linear layer: its columns [n0, n1) and acc = x @ w[:, n0:n1]."""
+    n0 = t * T
+    n1 = min(w.shape[1], n0 + T)
+    acc = np.empty((x.shape[0], T), np.float32)
+    _matmul_cols(x, w, n0, n1, acc)
+    return n0, n1, acc
+
+
 # ----------------------------------------------------------------------------- kernels
 
 @njit(cache=True)
@@ -93,10 +103,7 @@ def linear(x, w, bias, out, tasks):                                # [B, K] @ [K
     N = w.shape[1]
     T = _cols_per_task(N, tasks)
     for t in prange((N + T - 1) // T):
-        n0 = t * T
-        n1 = min(N, n0 + T)
-        acc = np.empty((B, T), np.float32)
-        _matmul_cols(x, w, n0, n1, acc)
+        n0, n1, acc = _task(x, w, t, T)
         for b in range(B):
             for n in range(n0, n1):
                 out[b, n] = acc[b, n - n0] + bias[n]
@@ -108,10 +115,7 @@ def linear_gelu(x, w, bias, out, tasks):                           # gelu_new([B
     N = w.shape[1]
     T = _cols_per_task(N, tasks)
     for t in prange((N + T - 1) // T):
-        n0 = t * T
-        n1 = min(N, n0 + T)
-        acc = np.empty((B, T), np.float32)
-        _matmul_cols(x, w, n0, n1, acc)
+        n0, n1, acc = _task(x, w, t, T)
         for b in range(B):
             for n in range(n0, n1):
                 y = acc[b, n - n0] + bias[n]
@@ -125,10 +129,7 @@ def linear_residual(x, w, bias, resid, tasks):                     # resid [B, N
     N = w.shape[1]
     T = _cols_per_task(N, tasks)
     for t in prange((N + T - 1) // T):
-        n0 = t * T
-        n1 = min(N, n0 + T)
-        acc = np.empty((B, T), np.float32)
-        _matmul_cols(x, w, n0, n1, acc)
+        n0, n1, acc = _task(x, w, t, T)
         for b in range(B):
             for n in range(n0, n1):
                 resid[b, n] = resid[b, n] + (acc[b, n - n0] + bias[n])
