@@ -14,6 +14,7 @@ is not a number, a float is not an integer, exactly as JSON Schema says.
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,13 +56,37 @@ class CompletionRequest:
     trace: bool = False
 
 
+class _ShortRepr(reprlib.Repr):
+    """reprlib with integers too long for str() (over 4300 digits) shown by their size."""
+
+    def repr_int(self, x, level):
+        if x.bit_length() > 256:
+            return f"<{'negative ' if x < 0 else ''}integer of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+
+_SHORT = _ShortRepr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 3, 60, 60, 80
+
+
+def _show(x: Any) -> str:
+    """A bounded repr for error messages: huge, deeply nested or huge-integer values from a
+    request must not make the message huge or raise (RecursionError, int-to-str limit)."""
+    return _SHORT.repr(x)
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    """A request's string as shown inside a message, cut to `limit` characters."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _bad(message: str, param: str | None, code: str | None = None) -> InvalidRequestError:
     return InvalidRequestError(message, param=param, code=code)
 
 
 def _type_error(name: str, expected: str, value: Any) -> InvalidRequestError:
     return _bad(f"Invalid type for '{name}': expected {expected}, but got {type(value).__name__} "
-                f"value {value!r}.", name, "invalid_type")
+                f"value {_show(value)}.", name, "invalid_type")
 
 
 def _is_int(x: Any) -> bool:
@@ -79,9 +104,9 @@ def _number(p: dict, name: str, default: float, lo: float, hi: float) -> float:
     if not _is_number(x) or (isinstance(x, float) and math.isnan(x)):
         raise _type_error(name, "a number", x)
     if x < lo:
-        raise _bad(f"{x} is less than the minimum of {lo:g} - '{name}'", name)
+        raise _bad(f"{_show(x)} is less than the minimum of {lo:g} - '{name}'", name)
     if x > hi:
-        raise _bad(f"{x} is greater than the maximum of {hi:g} - '{name}'", name)
+        raise _bad(f"{_show(x)} is greater than the maximum of {hi:g} - '{name}'", name)
     return float(x)
 
 
@@ -92,9 +117,9 @@ def _integer(p: dict, name: str, default: int | None, lo: int, hi: int | None = 
     if not _is_int(x):
         raise _type_error(name, "an integer", x)
     if x < lo:
-        raise _bad(f"{x} is less than the minimum of {lo} - '{name}'", name)
+        raise _bad(f"{_show(x)} is less than the minimum of {lo} - '{name}'", name)
     if hi is not None and x > hi:
-        raise _bad(f"{x} is greater than the maximum of {hi} - '{name}'", name)
+        raise _bad(f"{_show(x)} is greater than the maximum of {hi} - '{name}'", name)
     return x
 
 
@@ -116,7 +141,7 @@ def _prompt(x: Any) -> Any:
             raise _bad("'prompt' must not be an empty string.", "prompt")
         return x
     if not isinstance(x, list) or not x:
-        raise _bad(f"{x!r} is not valid under any of the given schemas - 'prompt' "
+        raise _bad(f"{_show(x)} is not valid under any of the given schemas - 'prompt' "
                    "(expected a non-empty string, list of strings, list of token ids, "
                    "or list of lists of token ids)", "prompt")
     if all(isinstance(e, str) for e in x):
@@ -137,7 +162,7 @@ def _stop(x: Any) -> tuple[str, ...]:
         return ()
     stops = [x] if isinstance(x, str) else x
     if not isinstance(stops, list) or not 1 <= len(stops) <= 4:
-        raise _bad(f"{x!r} is not valid under any of the given schemas - 'stop' "
+        raise _bad(f"{_show(x)} is not valid under any of the given schemas - 'stop' "
                    "(expected a string or a list of 1 to 4 strings)", "stop")
     if not all(isinstance(s, str) and s for s in stops):
         raise _bad("'stop' must contain only non-empty strings.", "stop")
@@ -152,25 +177,30 @@ def _logit_bias(x: Any) -> tuple[tuple[int, float], ...]:
         raise _type_error("logit_bias", "an object", x)
     out: dict[int, float] = {}
     for key, value in x.items():
+        shown = _clip(key) if isinstance(key, str) else _show(key)
         if _is_int(key):
             token = key
         elif isinstance(key, str) and key.isascii() and key.isdecimal():
-            token = int(key)
+            digits = key.lstrip("0") or "0"
+            if len(digits) > 18:   # beyond int64 (and int() refuses over 4300 digits)
+                raise _bad(f"Invalid key in 'logit_bias': {shown}. Token ids are below the "
+                           "vocabulary size.", "logit_bias")
+            token = int(digits)
         else:
-            raise _bad(f"Invalid key in 'logit_bias': {key}. You should only be submitting "
+            raise _bad(f"Invalid key in 'logit_bias': {shown}. You should only be submitting "
                        "non-negative integers.", "logit_bias")
         if token < 0:
-            raise _bad(f"Invalid key in 'logit_bias': {key}. You should only be submitting "
+            raise _bad(f"Invalid key in 'logit_bias': {shown}. You should only be submitting "
                        "non-negative integers.", "logit_bias")
         if token in out:
             raise _bad(f"Invalid key in 'logit_bias': token id {token} is given twice.",
                        "logit_bias")
-        if not _is_number(value) or not math.isfinite(value):
-            raise _bad(f"Invalid value in 'logit_bias' for key {key}: expected a number, "
-                       f"got {value!r}.", "logit_bias")
-        if not -100 <= value <= 100:
-            raise _bad(f"Invalid value in 'logit_bias' for key {key}: {value} is outside "
-                       "[-100, 100].", "logit_bias")
+        if not _is_number(value) or isinstance(value, float) and math.isnan(value):
+            raise _bad(f"Invalid value in 'logit_bias' for key {shown}: expected a number, "
+                       f"got {_show(value)}.", "logit_bias")
+        if not -100 <= value <= 100:   # compared before float(): ints may be huge
+            raise _bad(f"Invalid value in 'logit_bias' for key {shown}: {_show(value)} is "
+                       "outside [-100, 100].", "logit_bias")
         out[token] = float(value)
     return tuple(sorted(out.items()))
 
@@ -179,7 +209,7 @@ def parse(p: dict) -> CompletionRequest:
     """Validate the model-independent rules of a raw request (SEMANTICS 6-9)."""
     for name in p:
         if name not in KNOWN:
-            raise _bad(f"Unrecognized request argument supplied: {name}", name)
+            raise _bad(f"Unrecognized request argument supplied: {_clip(name)}", name)
     model = p.get("model")
     if model is None:
         raise _bad("you must provide a model parameter", "model")
@@ -201,7 +231,7 @@ def parse(p: dict) -> CompletionRequest:
             raise _type_error("stream_options", "an object", options)
         for key in options:
             if key != "include_usage":
-                raise _bad(f"Unrecognized request argument supplied: stream_options.{key}",
+                raise _bad(f"Unrecognized request argument supplied: stream_options.{_clip(key)}",
                            "stream_options")
         include_usage = _boolean(options, "include_usage")
     n = _integer(p, "n", 1, 1, 128)
@@ -227,7 +257,7 @@ def parse(p: dict) -> CompletionRequest:
                    "probabilities over alternative tokens).", "max_tokens")
     mode = p.get("logprobs_mode")
     if mode is not None and mode not in ("raw", "processed"):
-        raise _bad(f"'logprobs_mode' must be 'raw' or 'processed', got {mode!r}.",
+        raise _bad(f"'logprobs_mode' must be 'raw' or 'processed', got {_show(mode)}.",
                    "logprobs_mode")
     return CompletionRequest(
         model=model,
@@ -269,7 +299,7 @@ def encode_prompts(req: CompletionRequest, model) -> list[Prompt]:
     tok, n_vocab = model.tokenizer, model.n_vocab
     for token, _ in req.logit_bias:
         if token >= n_vocab:
-            raise _bad(f"Invalid key in 'logit_bias': {token}. Maximum value is {n_vocab - 1}.",
+            raise _bad(f"Invalid key in 'logit_bias': {_show(token)}. Maximum value is {n_vocab - 1}.",
                        "logit_bias")
     raw = req.prompt
     if isinstance(raw, str):
@@ -281,7 +311,7 @@ def encode_prompts(req: CompletionRequest, model) -> list[Prompt]:
         ids = tok.encode(item) if isinstance(item, str) else item
         bad = [t for t in ids if not 0 <= t < n_vocab]
         if bad:
-            raise _bad(f"Invalid token id {bad[0]} in 'prompt': token ids must be in "
+            raise _bad(f"Invalid token id {_show(bad[0])} in 'prompt': token ids must be in "
                        f"[0, {n_vocab - 1}].", "prompt")
         prompts.append(Prompt(tuple(ids), tok.decode(ids)))
     for pr in prompts:
@@ -294,8 +324,8 @@ def _check_context(req: CompletionRequest, prompt_len: int, n_ctx: int) -> None:
     wanted = req.max_tokens if req.max_tokens is not None else max(n_ctx - prompt_len, 1)
     if prompt_len + wanted > n_ctx:
         raise _bad(f"This model's maximum context length is {n_ctx} tokens, however you "
-                   f"requested {prompt_len + wanted} tokens ({prompt_len} in your prompt; "
-                   f"{wanted} for the completion). Please reduce your prompt; or completion "
+                   f"requested {_show(prompt_len + wanted)} tokens ({prompt_len} in your prompt; "
+                   f"{_show(wanted)} for the completion). Please reduce your prompt; or completion "
                    "length.", "max_tokens" if req.max_tokens is not None else "prompt")
 
 
