@@ -43,7 +43,8 @@ def _matmul_cols(x, w, n0, n1, acc):
     """acc[:, :n1-n0] = x @ w[:, n0:n1], summing over k strictly in order k = 0, 1, ...
 
     Four k-steps are applied per pass over acc, as (((a + x0*w0) + x1*w1) + x2*w2) + x3*w3:
-    the same order as one step at a time, with a quarter of the loads and stores.
+    the same order as one step at a time, with a quarter of the loads and stores; rows
+    go in pairs that share the w loads. The order of each element never depends on B.
     """
     B, K = x.shape
     L = n1 - n0
@@ -54,7 +55,18 @@ def _matmul_cols(x, w, n0, n1, acc):
         w1 = w[k + 1, n0:n1]
         w2 = w[k + 2, n0:n1]
         w3 = w[k + 3, n0:n1]
-        for b in range(B):
+        b = 0
+        while b + 2 <= B:                                   # two rows share each w load
+            x0, x1, x2, x3 = x[b, k], x[b, k + 1], x[b, k + 2], x[b, k + 3]
+            y0, y1, y2, y3 = x[b + 1, k], x[b + 1, k + 1], x[b + 1, k + 2], x[b + 1, k + 3]
+            ab = acc[b]
+            ac = acc[b + 1]
+            for j in range(L):
+                a0, a1, a2, a3 = w0[j], w1[j], w2[j], w3[j]
+                ab[j] = (((ab[j] + x0 * a0) + x1 * a1) + x2 * a2) + x3 * a3
+                ac[j] = (((ac[j] + y0 * a0) + y1 * a1) + y2 * a2) + y3 * a3
+            b += 2
+        if b < B:
             x0, x1, x2, x3 = x[b, k], x[b, k + 1], x[b, k + 2], x[b, k + 3]
             ab = acc[b]
             for j in range(L):
