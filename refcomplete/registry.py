@@ -47,7 +47,11 @@ def hf_cache_dir() -> Path:
 
 
 def _is_model_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    """Whether path holds a checkpoint; False for any name the OS refuses (too long, ...)."""
+    try:
+        return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _hub_snapshot(repo_id: str, looked_in: list[str]) -> Path | None:
@@ -73,12 +77,18 @@ def resolve(name: str) -> Path:
         looked_in.append(f"bundled models ({weights_dir()})")
         if _is_model_dir(bundled):
             return bundled
-    path = Path(name).expanduser()
+    try:
+        path = Path(name).expanduser()
+    except RuntimeError:            # "~user" with no such user: not a home directory
+        path = Path(name)
     looked_in.append(f"local directory {path}")
     if _is_model_dir(path):
         return path
     if name and not name.startswith((".", "/", "~")) and name.count("/") <= 1:
-        snap = _hub_snapshot(name, looked_in)
+        try:
+            snap = _hub_snapshot(name, looked_in)
+        except (OSError, ValueError):    # a name the OS refuses as a path (too long, ...)
+            snap = None
         if snap is not None:
             return snap
     raise ModelNotFound(name, looked_in)
