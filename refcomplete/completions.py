@@ -33,6 +33,7 @@ from refcomplete._version import CONTRACT_VERSION, __version__
 from refcomplete.choices import choice_pieces
 from refcomplete.decode import Plan
 from refcomplete.errors import ModelNotFoundError
+from refcomplete.params import DEFAULT_LIMITS, Limits
 from refcomplete.sampling import SamplingParams
 
 
@@ -51,12 +52,15 @@ class Completions:
 
     models: a mapping name -> model, or a loader function name -> model that raises
     ModelNotFoundError (or KeyError) for unknown names. Loaded models are kept.
+    limits: the bounds on a request's size and work (params.Limits; defaults there).
     """
 
-    def __init__(self, models: Mapping | Callable | None = None):
+    def __init__(self, models: Mapping | Callable | None = None,
+                 limits: Limits = DEFAULT_LIMITS):
         self._loader = registry_loader if models is None else (
             models.__getitem__ if isinstance(models, Mapping) else models)
         self._loaded: dict = {}
+        self.limits = limits
 
     def model(self, name: str):
         if name not in self._loaded:
@@ -71,9 +75,9 @@ class Completions:
 
         Raises CompletionError (400/404) for every bad request, before any work.
         """
-        req = P.parse(request)
+        req = P.parse(request, self.limits)
         model = self.model(req.model)
-        prompts = P.encode_prompts(req, model)
+        prompts = P.encode_prompts(req, model, self.limits)
         chunks = self._chunks(req, model, prompts)
         if req.stream:
             return streaming.client_stream(chunks, req.include_usage)

@@ -32,6 +32,33 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Bounds on one request's size and work; each breach is a 400 that names its `param`.
+
+    Our extension (OpenAI publishes no such limits for the legacy endpoint). The defaults
+    never refuse a request that fits a 1024-token GPT-2 context with OpenAI's own n and
+    best_of ranges, except by total work:
+
+    max_prompts        prompts in one request (a list of strings or of token-id lists): 128
+    max_prompt_chars   characters of one string prompt, checked before tokenizing: 131072
+                       (1024 tokens x the longest r50k token, 128 bytes)
+    max_prompt_tokens  ids in one token-id prompt, checked before the vocabulary: 131072
+    max_work_tokens    tokens a request may generate: the sum over its prompts of
+                       best_of x max_tokens (max_tokens null: n_ctx - prompt length): 65536
+
+        >>> Completions(limits=Limits(max_work_tokens=4096))   # refcomplete.completions
+    """
+
+    max_prompts: int = 128
+    max_prompt_chars: int = 131_072
+    max_prompt_tokens: int = 131_072
+    max_work_tokens: int = 65_536
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
 class CompletionRequest:
     """A validated request; every field holds its effective value (defaults applied)."""
 
@@ -132,8 +159,25 @@ def _boolean(p: dict, name: str) -> bool:
     return x
 
 
-def _prompt(x: Any) -> Any:
-    """SEMANTICS 6: string, list of strings, list of ids, list of lists of ids; never empty."""
+def _prompt(x: Any, limits: Limits) -> Any:
+    """SEMANTICS 6: string, list of strings, list of ids, list of lists of ids; never empty.
+    Then the Limits on the number of prompts and each prompt's length."""
+    x = _prompt_form(x)
+    many = [x] if isinstance(x, str) or _is_int(x[0]) else x
+    if len(many) > limits.max_prompts:
+        raise _bad(f"Too many prompts: {len(many)} given, the limit is {limits.max_prompts} "
+                   "per request.", "prompt")
+    for item in many:
+        if isinstance(item, str) and len(item) > limits.max_prompt_chars:
+            raise _bad(f"A prompt of {len(item)} characters is too long: the limit is "
+                       f"{limits.max_prompt_chars} characters.", "prompt")
+        if not isinstance(item, str) and len(item) > limits.max_prompt_tokens:
+            raise _bad(f"A prompt of {len(item)} token ids is too long: the limit is "
+                       f"{limits.max_prompt_tokens} tokens.", "prompt")
+    return x
+
+
+def _prompt_form(x: Any) -> Any:
     if x is None:
         return ENDOFTEXT
     if isinstance(x, str):
@@ -205,8 +249,9 @@ def _logit_bias(x: Any) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(out.items()))
 
 
-def parse(p: dict) -> CompletionRequest:
-    """Validate the model-independent rules of a raw request (SEMANTICS 6-9)."""
+def parse(p: dict, limits: Limits = DEFAULT_LIMITS) -> CompletionRequest:
+    """Validate the model-independent rules of a raw request (SEMANTICS 6-9) and the
+    size limits (Limits) that do not need the tokenizer."""
     for name in p:
         if name not in KNOWN:
             raise _bad(f"Unrecognized request argument supplied: {_clip(name)}", name)
@@ -261,7 +306,7 @@ def parse(p: dict) -> CompletionRequest:
                    "logprobs_mode")
     return CompletionRequest(
         model=model,
-        prompt=_prompt(p.get("prompt")),
+        prompt=_prompt(p.get("prompt"), limits),
         max_tokens=max_tokens,
         temperature=_number(p, "temperature", 1.0, 0, 2),
         top_p=_number(p, "top_p", 1.0, 0, 1),
@@ -290,8 +335,10 @@ class Prompt:
     text: str
 
 
-def encode_prompts(req: CompletionRequest, model) -> list[Prompt]:
-    """Tokenize the prompt(s) and check the model-dependent rules (vocab, context length).
+def encode_prompts(req: CompletionRequest, model,
+                   limits: Limits = DEFAULT_LIMITS) -> list[Prompt]:
+    """Tokenize the prompt(s) and check the model-dependent rules (vocab, context length),
+    then the total work (Limits.max_work_tokens).
 
     A token-id prompt's text is the UTF-8 decoding of its bytes, invalid bytes as U+FFFD;
     a string prompt's text is the decoding of its tokens (the string itself).
@@ -316,7 +363,20 @@ def encode_prompts(req: CompletionRequest, model) -> list[Prompt]:
         prompts.append(Prompt(tuple(ids), tok.decode(ids)))
     for pr in prompts:
         _check_context(req, len(pr.ids), model.n_ctx)
+    _check_work(req, [len(pr.ids) for pr in prompts], model.n_ctx, limits)
     return prompts
+
+
+def _check_work(req: CompletionRequest, prompt_lens: list[int], n_ctx: int,
+                limits: Limits) -> None:
+    """Limits.max_work_tokens: the tokens all candidates of all prompts may generate."""
+    work = sum(req.best_of * max_new_tokens(req, n, n_ctx) for n in prompt_lens)
+    if work > limits.max_work_tokens:
+        upto = req.max_tokens if req.max_tokens is not None else "the context length"
+        raise _bad(f"This request may generate up to {work} tokens ({len(prompt_lens)} "
+                   f"prompt(s) x best_of {req.best_of} x max_tokens up to {upto}); the limit "
+                   f"is {limits.max_work_tokens}. Reduce max_tokens, n or best_of, or send "
+                   "fewer prompts.", "max_tokens")
 
 
 def _check_context(req: CompletionRequest, prompt_len: int, n_ctx: int) -> None:
