@@ -1,4 +1,4 @@
-"""`refcomplete serve`: the completions endpoint over HTTP (Starlette + uvicorn).
+"""`refcomplete serve`: the completions endpoint over HTTP (a plain ASGI app on uvicorn).
 
 Knows: HTTP: routes, status codes, OpenAI error bodies, bearer auth, body limits, SSE
 framing, and keeping generation off the event loop. Does not know: any completion
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,7 +38,9 @@ from refcomplete.completions import Completions
 from refcomplete.errors import CompletionError
 
 MAX_BODY = 1 << 20   # bytes; OpenAI's own limits are larger, our prompts are short
+BODY_TIMEOUT = 30.0  # seconds to receive a whole request body (then 408)
 ROUTES = {"/v1/completions": ("POST",), "/v1/models": ("GET",)}
+log = logging.getLogger("refcomplete.server")
 
 
 @dataclass
@@ -61,6 +64,16 @@ def _json(status: int, obj) -> HTTPResponse:
     return HTTPResponse(status, body=json.dumps(obj).encode())
 
 
+def _clip(text: str, limit: int = 200) -> str:
+    """Text from a request (a path, a name) cut so that it cannot make a message huge."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _no_constant(name: str):
+    """json.loads hook: NaN, Infinity and -Infinity are not JSON (RFC 8259): 400 invalid_json."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
 class Endpoint:
     """The API's HTTP semantics over a fixed set of loaded models, free of any transport.
 
@@ -82,29 +95,55 @@ class Endpoint:
 
         With stream=true the returned HTTPResponse holds a lazy SSE iterator; validation
         errors still come back as plain error responses, before any byte is streamed.
+        Never raises: a fault of ours is logged here and answered 500 `server_error`,
+        saying nothing of its cause (no path, no header, no key reaches the client).
         """
-        path = path.rstrip("/") or "/"
-        route = path if path in ROUTES else "/v1/models" if path.startswith("/v1/models/") else None
+        try:
+            return self._handle(method, path, headers, body, oversized)
+        except Exception:
+            log.exception("unexpected error answering %s %s", method, _clip(path))
+            return error_response(500, "The server had an error while processing your request.",
+                                  "server_error")
+
+    def gate(self, method: str, path: str, headers: Mapping[str, str]) -> HTTPResponse | None:
+        """The checks that need no body: route (404), method (405), key (401); None: pass.
+
+        The transport calls it before reading a body, so an unauthenticated client cannot
+        make the server buffer one."""
+        route = self._route(path)
         if route is None:
-            return error_response(404, f"Invalid URL ({method} {path})", code="unknown_url")
+            return error_response(404, f"Invalid URL ({_clip(method)} {_clip(path)})",
+                                  code="unknown_url")
         allowed = ROUTES[route]
         if method not in allowed:
-            return error_response(405, f"Method {method} is not allowed for {path}; use "
-                                  f"{', '.join(allowed)}.", code="method_not_allowed",
-                                  headers={"allow": ", ".join(allowed)})
-        denied = self._auth(headers)
+            return error_response(405, f"Method {_clip(method)} is not allowed for "
+                                  f"{_clip(path)}; use {', '.join(allowed)}.",
+                                  code="method_not_allowed", headers={"allow": ", ".join(allowed)})
+        return self._auth(headers)
+
+    @staticmethod
+    def _route(path: str) -> str | None:
+        path = path.rstrip("/") or "/"
+        return path if path in ROUTES else "/v1/models" if path.startswith("/v1/models/") else None
+
+    def _handle(self, method, path, headers, body, oversized) -> HTTPResponse:
+        denied = self.gate(method, path, headers)
         if denied is not None:
             return denied
-        if route == "/v1/models":
+        path = path.rstrip("/") or "/"
+        if self._route(path) == "/v1/models":
             return self._models(path[len("/v1/models/"):] if path != "/v1/models" else None)
         if oversized or len(body) > self.max_body:
             return error_response(413, f"Request body too large: the limit is {self.max_body} "
                                   "bytes.", code="request_too_large")
         try:
-            request = json.loads(body)
+            request = json.loads(body, parse_constant=_no_constant)
         except (ValueError, UnicodeDecodeError) as exc:
-            return error_response(400, f"We could not parse the JSON body of your request. ({exc})",
-                                  code="invalid_json")
+            return error_response(400, "We could not parse the JSON body of your request. "
+                                  f"({_clip(str(exc))})", code="invalid_json")
+        except RecursionError:
+            return error_response(400, "We could not parse the JSON body of your request. "
+                                  "(It is nested too deeply.)", code="invalid_json")
         if not isinstance(request, dict):
             return error_response(400, "The request body must be a JSON object.", code="invalid_json")
         return self._complete(request)
@@ -129,7 +168,7 @@ class Endpoint:
         if name is None:
             return _json(200, {"object": "list", "data": [card(n) for n in self.models]})
         if name not in self.models:
-            return error_response(404, f"The model `{name}` does not exist or you do not have "
+            return error_response(404, f"The model `{_clip(name)}` does not exist or you do not have "
                                   "access to it.", param="model", code="model_not_found")
         return _json(200, card(name))
 
@@ -154,6 +193,8 @@ class Endpoint:
                     break
                 yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
         except Exception as exc:  # after the 200 went out: OpenAI's mid-stream error frame
+            if not isinstance(exc, CompletionError):
+                log.exception("unexpected error in a stream")
             status = exc.to_dict() if isinstance(exc, CompletionError) else {"error": {
                 "message": f"The server had an error processing your request ({type(exc).__name__}).",
                 "type": "server_error", "param": None, "code": None}}
@@ -165,49 +206,95 @@ class Endpoint:
         yield b"data: [DONE]\n\n"
 
 
-def create_app(endpoint: Endpoint):
-    """A Starlette app that hands every request to `endpoint.handle` in a worker thread."""
-    import anyio
-    from starlette.applications import Starlette
-    from starlette.responses import Response, StreamingResponse
-    from starlette.routing import Route
+def create_app(endpoint: Endpoint, body_timeout: float = BODY_TIMEOUT):
+    """An ASGI app that hands every request (any method, any path) to `endpoint`.
 
-    async def read_body(request) -> tuple[bytes, bool]:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > endpoint.max_body:
+    Route, method and key are checked before the body is read (Endpoint.gate); a body over
+    the limit is refused unread (413); one not received within `body_timeout` seconds is a
+    408; `Endpoint.handle` runs in a worker thread. A client that disconnects while
+    sending its body gets nothing; one that disconnects mid-stream closes the stream, which
+    ends its generation (at most one chunk later).
+    """
+    import anyio
+
+    async def read_body(receive, headers) -> tuple[bytes, bool]:
+        declared = headers.get("content-length", "")
+        if declared.isascii() and declared.isdigit() and int(declared) > endpoint.max_body:
             return b"", True
-        parts, size = [], 0
-        async for part in request.stream():
+        parts, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            part = message.get("body", b"")
             size += len(part)
             if size > endpoint.max_body:
                 return b"", True
             parts.append(part)
+            more = message.get("more_body", False)
         return b"".join(parts), False
 
-    async def route(request):
-        body, oversized = (b"", False) if request.method != "POST" else await read_body(request)
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        resp = await anyio.to_thread.run_sync(endpoint.handle, request.method, request.url.path,
-                                              headers, body, oversized)
+    async def http(scope, receive, send) -> None:
+        method, path = scope["method"], scope["path"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        resp = endpoint.gate(method, path, headers)
+        if resp is None:
+            body, oversized = b"", False
+            if method == "POST":
+                with anyio.move_on_after(body_timeout) as waited:
+                    body, oversized = await read_body(receive, headers)
+                if waited.cancelled_caught:
+                    resp = error_response(408, f"The request body did not arrive within "
+                                          f"{body_timeout:g} seconds.", code="request_timeout",
+                                          headers={"connection": "close"})
+            if resp is None:
+                resp = await anyio.to_thread.run_sync(endpoint.handle, method, path, headers,
+                                                      body, oversized)
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers.items()]
         if resp.stream is None:
-            return Response(resp.body, resp.status, headers=resp.headers)
-        return StreamingResponse(_threaded(resp.stream), resp.status, headers=resp.headers)
+            raw.append((b"content-length", str(len(resp.body)).encode()))
+            await send({"type": "http.response.start", "status": resp.status, "headers": raw})
+            await send({"type": "http.response.body", "body": resp.body})
+            return
+        await send({"type": "http.response.start", "status": resp.status, "headers": raw})
+        await stream(resp.stream, receive, send)
 
-    async def _threaded(frames: Iterator[bytes]):
-        # One thread hop per frame. If the client goes away, the send fails, this
-        # generator is closed, and `frames.close()` ends the generation.
+    async def stream(frames: Iterator[bytes], receive, send) -> None:
+        # One thread hop per frame, while a watcher waits for the client to leave; either
+        # way `frames.close()` runs here, which ends the generation.
         done = object()
         try:
-            while True:
-                frame = await anyio.to_thread.run_sync(next, frames, done)
-                if frame is done:
-                    return
-                yield frame
+            async with anyio.create_task_group() as tg:
+                async def watch():
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    tg.cancel_scope.cancel()
+                tg.start_soon(watch)
+                while (frame := await anyio.to_thread.run_sync(next, frames, done)) is not done:
+                    await send({"type": "http.response.body", "body": frame, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+                tg.cancel_scope.cancel()
         finally:
             frames.close()
 
-    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-    return Starlette(routes=[Route("/{path:path}", route, methods=methods)])
+    async def app(scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+        elif scope["type"] == "http":
+            try:
+                await http(scope, receive, send)
+            except _Disconnected:
+                pass
+        else:   # websocket: not served
+            await send({"type": "websocket.close", "code": 1008})
+
+    return app
+
+
+class _Disconnected(Exception):
+    """The client went away before its request body was complete."""
 
 
 def load_endpoint(models: list[str], api_key: str | None = None) -> Endpoint:
