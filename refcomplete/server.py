@@ -9,14 +9,16 @@ answer every request with the same code:
 
     endpoint = Endpoint({"gpt2-tiny-shakespeare": model}, api_key="k")
     endpoint.handle("POST", "/v1/completions", headers, body)  # -> HTTPResponse (no I/O)
-    app = create_app(endpoint)                                   # a Starlette ASGI app
+    app = create_app(endpoint)                                   # an ASGI app
     serve(["gpt2-tiny-shakespeare"], port=8000)                  # uvicorn on 127.0.0.1
 
 Routes: POST /v1/completions (JSON, or SSE with stream=true: `data: {json}\\n\\n` per
 chunk, then `data: [DONE]\\n\\n`), GET /v1/models, GET /v1/models/{id}. Errors are
 OpenAI bodies `{"error": {"message", "type", "param", "code"}}`: 400 (bad request,
-malformed JSON: never 422), 401 (missing or wrong `Authorization: Bearer KEY` when
-the server has a key), 404 (unknown route or model), 405, 413 (body over the limit).
+malformed JSON: never 422; a request over the Limits), 401 (missing or wrong
+`Authorization: Bearer KEY` when the server has a key), 404 (unknown route or model),
+405, 408 (body not received in time), 413 (body over the limit), 500 `server_error` (a
+fault of ours: logged, never detailed to the client).
 Only the models named at start are served: a request's `model` is a key into that
 mapping, never a path, so no request makes the server open a file. Generation runs
 in worker threads, one model call at a time (a lock: two CPU cores gain nothing from
@@ -36,6 +38,7 @@ from typing import Iterator, Mapping
 
 from refcomplete.completions import Completions
 from refcomplete.errors import CompletionError
+from refcomplete.params import DEFAULT_LIMITS, Limits
 
 MAX_BODY = 1 << 20   # bytes; OpenAI's own limits are larger, our prompts are short
 BODY_TIMEOUT = 30.0  # seconds to receive a whole request body (then 408)
@@ -78,12 +81,16 @@ class Endpoint:
     """The API's HTTP semantics over a fixed set of loaded models, free of any transport.
 
     models: name -> loaded model (refcomplete.lm.LanguageModel). api_key: required bearer
-    token, or None for an open server. max_body: the largest request body, in bytes.
+    token, or None for an open server. max_body: the largest request body, in bytes (413).
+    limits: the library's bounds on one request (params.Limits: prompts, prompt length,
+    total work; each breach a 400).
     """
 
-    def __init__(self, models: Mapping, api_key: str | None = None, max_body: int = MAX_BODY):
+    def __init__(self, models: Mapping, api_key: str | None = None, max_body: int = MAX_BODY,
+                 limits: Limits = DEFAULT_LIMITS):
         self.models = dict(models)
-        self.api = Completions(self.models)
+        self.api = Completions(self.models, limits=limits)
+        self.limits = limits
         self.api_key = api_key
         self.max_body = max_body
         self.lock = threading.Lock()
@@ -297,22 +304,44 @@ class _Disconnected(Exception):
     """The client went away before its request body was complete."""
 
 
-def load_endpoint(models: list[str], api_key: str | None = None) -> Endpoint:
+def load_endpoint(models: list[str], api_key: str | None = None, max_body: int = MAX_BODY,
+                  limits: Limits = DEFAULT_LIMITS) -> Endpoint:
     """Load each model once (through the registry). A spec is `NAME` (served as NAME) or
     `NAME=WHERE` (the model at WHERE, a registry name or directory, served as NAME)."""
     from refcomplete.registry import load_model
 
     pairs = [spec.split("=", 1) if "=" in spec else (spec, spec) for spec in models]
-    return Endpoint({name: load_model(where) for name, where in pairs}, api_key=api_key)
+    return Endpoint({name: load_model(where) for name, where in pairs}, api_key=api_key,
+                    max_body=max_body, limits=limits)
 
 
 def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, log_level: str = "info") -> None:
+          api_key: str | None = None, log_level: str = "info", max_body: int = MAX_BODY,
+          limits: Limits = DEFAULT_LIMITS, body_timeout: float = BODY_TIMEOUT) -> None:
     """Load the models, then run uvicorn until interrupted (prints the address when ready)."""
     import uvicorn
 
-    app = create_app(load_endpoint(models, api_key))
+    app = create_app(load_endpoint(models, api_key, max_body, limits), body_timeout)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise ValueError(text)
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+LIMIT_FLAGS = {  # flag -> (Limits field, help)
+    "--max-prompts": ("max_prompts", "prompts in one request"),
+    "--max-prompt-chars": ("max_prompt_chars", "characters of one string prompt"),
+    "--max-prompt-tokens": ("max_prompt_tokens", "ids of one token-id prompt"),
+    "--max-work-tokens": ("max_work_tokens", "tokens one request may generate: the sum over "
+                          "its prompts of best_of x max_tokens"),
+}
 
 
 def add_subcommand(subparsers) -> None:
@@ -321,18 +350,30 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--model", action="append", dest="models",
                    help="a model to serve: NAME or NAME=PATH (repeatable; default "
                    "gpt2-tiny-shakespeare)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every request")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--max-body", type=_positive(int), default=MAX_BODY, metavar="BYTES",
+                   help=f"the largest request body; larger is a 413 (default {MAX_BODY})")
+    p.add_argument("--body-timeout", type=_positive(float), default=BODY_TIMEOUT,
+                   metavar="SECONDS", help="time allowed to receive a request body; then a "
+                   f"408 (default {BODY_TIMEOUT:g})")
+    for flag, (name, text) in LIMIT_FLAGS.items():
+        p.add_argument(flag, type=_positive(int), default=getattr(DEFAULT_LIMITS, name),
+                       dest=name, metavar="N",
+                       help=f"{text}; more is a 400 (default {getattr(DEFAULT_LIMITS, name)})")
     p.set_defaults(handler=_run)
 
 
 def _run(args) -> int:
     from refcomplete.registry import DEFAULT_MODEL, ModelNotFound
 
+    limits = Limits(**{name: getattr(args, name) for name, _ in LIMIT_FLAGS.values()})
     try:
-        serve(args.models or [DEFAULT_MODEL], args.host, args.port, args.api_key, args.log_level)
+        serve(args.models or [DEFAULT_MODEL], args.host, args.port, args.api_key,
+              args.log_level, args.max_body, limits, args.body_timeout)
     except ModelNotFound as exc:
         print(f"error: {exc}")
         return 2
