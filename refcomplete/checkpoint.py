@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import struct
 from pathlib import Path
@@ -46,23 +47,35 @@ class GPT2Config:
     def from_json(cls, path: Path) -> "GPT2Config":
         try:
             raw = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise CheckpointError(f"{path}: cannot read config: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path}: not a JSON object")
         act = raw.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise CheckpointError(f"{path}: activation_function {act!r} is not supported (gelu_new only)")
-        try:
-            cfg = cls(
-                n_vocab=int(raw["vocab_size"]),
-                n_ctx=int(raw.get("n_positions", raw.get("n_ctx", 1024))),
-                n_embd=int(raw["n_embd"]),
-                n_head=int(raw["n_head"]),
-                n_layer=int(raw["n_layer"]),
-                layer_norm_epsilon=float(raw.get("layer_norm_epsilon", 1e-5)),
-                tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: missing or bad field {exc}") from exc
+
+        def field(key, kind, default=None):   # strict: JSON ints, numbers and booleans only
+            value = raw.get(key, default)
+            ok = (isinstance(value, bool) if kind is bool else
+                  isinstance(value, int) and not isinstance(value, bool) and value >= 1
+                  if kind is int else isinstance(value, (int, float))
+                  and not isinstance(value, bool) and math.isfinite(value) and value > 0)
+            if not ok:
+                raise CheckpointError(f"{path}: missing or bad field {key!r}: {value!r:.80} (expected "
+                                      + {int: "a positive integer", float: "a positive finite number",
+                                         bool: "true or false"}[kind] + ")")
+            return value
+
+        cfg = cls(
+            n_vocab=field("vocab_size", int),
+            n_ctx=field("n_positions", int, raw.get("n_ctx", 1024)),
+            n_embd=field("n_embd", int),
+            n_head=field("n_head", int),
+            n_layer=field("n_layer", int),
+            layer_norm_epsilon=float(field("layer_norm_epsilon", float, 1e-5)),
+            tie_word_embeddings=field("tie_word_embeddings", bool, True),
+        )
         if cfg.n_embd % cfg.n_head:
             raise CheckpointError(f"{path}: n_embd {cfg.n_embd} is not a multiple of n_head {cfg.n_head}")
         return cfg
@@ -111,7 +124,12 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Map every tensor of a .safetensors file; fp32 stays a read-only memmap view."""
+    """Map every tensor of a .safetensors file; fp32 stays a read-only memmap view.
+
+    The header is checked as the format requires: a JSON object of tensors, each with a
+    supported dtype, a shape of non-negative integers and [start, end) data offsets that
+    match the shape, lie in the file and tile the data buffer without gaps or overlaps.
+    """
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -125,26 +143,52 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
             header = json.loads(f.read(n))
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read: {exc}") from exc
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path}: damaged safetensors header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: damaged safetensors header: not a JSON object")
     header.pop("__metadata__", None)
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
-    tensors = {}
+    tensors, spans = {}, []
     for key, info in header.items():
-        try:
-            dtype, shape, (start, end) = _DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
-        except KeyError as exc:
-            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype or bad header ({exc})") from exc
-        count = int(np.prod(shape, dtype=np.int64))
-        if end > data.size or end - start != count * np.dtype(dtype).itemsize:
+        dtype, shape, offsets = _tensor_entry(path, key, info)
+        start, end = offsets
+        count = math.prod(shape)
+        if not start <= end <= data.size or end - start != count * np.dtype(dtype).itemsize:
             raise CheckpointError(f"{path}: tensor {key!r} lies outside the file (truncated?)")
+        spans.append((start, end, key))
         raw = data[start:end].view(dtype).reshape(shape)
         if info["dtype"] == "BF16":
             raw = (raw.astype(np.uint32) << 16).view(np.float32)
         elif info["dtype"] == "F16":
             raw = raw.astype(np.float32)
         tensors[key] = raw
+    at = 0
+    for start, end, key in sorted(spans):
+        if start != at:
+            raise CheckpointError(f"{path}: tensor {key!r} starts at byte {start} of the data, "
+                                  f"expected {at} (overlapping or misplaced tensors)")
+        at = end
+    if at != data.size:
+        raise CheckpointError(f"{path}: {data.size - at} bytes after the last tensor (damaged file)")
     return tensors
+
+
+def _tensor_entry(path: Path, key: str, info) -> tuple:
+    """(numpy dtype, shape, (start, end)) of one header entry, or a CheckpointError naming it."""
+    def is_count(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
+        dtype = info.get("dtype") if isinstance(info, dict) else info
+        raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype or bad header "
+                              f"({dtype!r:.40}; supported: F32, F16, BF16)")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(is_count(d) for d in shape):
+        raise CheckpointError(f"{path}: tensor {key!r} has a bad shape {shape!r:.80}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_count(o) for o in offsets):
+        raise CheckpointError(f"{path}: tensor {key!r} has bad data_offsets {offsets!r:.80}")
+    return _DTYPES[info["dtype"]], tuple(shape), tuple(offsets)
 
 
 def file_sha256(path: Path) -> str:
@@ -187,11 +231,24 @@ def load_checkpoint(directory) -> Checkpoint:
         wte=wte, wpe=take("wpe.weight", (cfg.n_ctx, C)), blocks=blocks,
         ln_f_weight=take("ln_f.weight", (C,)), ln_f_bias=take("ln_f.bias", (C,)), lm_head=lm_head,
     )
+    _check_finite(st_path, tensors)
     extra = set(tensors) - {f"h.{i}.{k}" for i in range(cfg.n_layer) for k in BLOCK_SHAPES} - {
         "wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "lm_head.weight"}
     if extra:
         raise CheckpointError(f"{st_path}: unexpected tensors for n_layer={cfg.n_layer}: {sorted(extra)[:5]}")
     return Checkpoint(path=directory, config=cfg, params=params, weights_sha256=file_sha256(st_path))
+
+
+def _check_finite(path: Path, tensors: dict) -> None:
+    """Refuse NaN or infinite weights at load, naming the first such tensor (in blocks of
+    about 4M values, so a large memory-mapped tensor needs no full-size temporary)."""
+    for name, t in tensors.items():
+        flat = t.reshape(-1)
+        for i in range(0, flat.size, 1 << 22):
+            bad = flat.size and np.count_nonzero(~np.isfinite(flat[i:i + (1 << 22)]))
+            if bad:
+                raise CheckpointError(f"{path}: tensor {name!r} holds NaN or infinite values "
+                                      "(refused at load)")
 
 
 def write_random_checkpoint(directory, config: GPT2Config = GPT2Config(), seed: int = 0,
