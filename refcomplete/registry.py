@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from refcomplete._paths import weights_dir
-from refcomplete.checkpoint import load_checkpoint
+from refcomplete.checkpoint import CheckpointError, load_checkpoint
 
 DEFAULT_MODEL = "gpt2-tiny-shakespeare"
 # Legacy hub ids that the hub redirects to an organisation's repository.
@@ -47,9 +47,12 @@ def hf_cache_dir() -> Path:
 
 
 def _is_model_dir(path: Path) -> bool:
-    """Whether path holds a checkpoint; False for any name the OS refuses (too long, ...)."""
+    """Whether path holds a checkpoint; False for any name the OS refuses (too long, ...).
+    A directory we may not read is a CheckpointError naming it, not "not found"."""
     try:
         return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    except PermissionError as exc:
+        raise CheckpointError(f"{path}: cannot read the model directory: {exc}") from exc
     except (OSError, ValueError):
         return False
 
@@ -109,8 +112,13 @@ def list_models() -> list[str]:
 @functools.lru_cache(maxsize=8)
 def _load(path: str, name: str):
     from refcomplete.runtime import GPT2Model
+    from refcomplete.tokenizer import N_VOCAB
 
-    return GPT2Model(load_checkpoint(path), name=name)
+    checkpoint = load_checkpoint(path)
+    if checkpoint.config.n_vocab != N_VOCAB:   # the runtime pairs every model with r50k
+        raise CheckpointError(f"{Path(path) / 'config.json'}: vocab_size {checkpoint.config.n_vocab} "
+                              f"does not match the r50k tokenizer's {N_VOCAB} tokens")
+    return GPT2Model(checkpoint, name=name)
 
 
 def load_model(name: str = DEFAULT_MODEL):
