@@ -32,7 +32,7 @@ from refcomplete import rng, streaming
 from refcomplete._version import CONTRACT_VERSION, __version__
 from refcomplete.choices import choice_pieces
 from refcomplete.decode import Plan
-from refcomplete.errors import ModelNotFoundError
+from refcomplete.errors import CompletionError, ModelLoadError, ModelNotFoundError
 from refcomplete.params import DEFAULT_LIMITS, Limits
 from refcomplete.sampling import SamplingParams
 
@@ -63,11 +63,18 @@ class Completions:
         self.limits = limits
 
     def model(self, name: str):
+        """The loaded model `name`: 404 ModelNotFoundError if there is none, 500
+        ModelLoadError (the cause keeps the detail) if its files fail to load. Failures are
+        not kept: a later request tries again."""
         if name not in self._loaded:
             try:
                 self._loaded[name] = self._loader(name)
             except KeyError as exc:
                 raise ModelNotFoundError(name) from exc
+            except CompletionError:
+                raise
+            except Exception as exc:   # CheckpointError, TokenizerFileError, OSError, ...
+                raise ModelLoadError(name) from exc
         return self._loaded[name]
 
     def create(self, **request) -> dict | Iterator[dict]:

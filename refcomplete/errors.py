@@ -52,5 +52,27 @@ class ModelNotFoundError(CompletionError):
     type = "invalid_request_error"
 
     def __init__(self, model: str):
-        super().__init__(f"The model `{model}` does not exist or you do not have access to it.",
-                         param="model", code="model_not_found")
+        super().__init__(f"The model `{_clip(model)}` does not exist or you do not have access "
+                         "to it.", param="model", code="model_not_found")
+
+
+class ModelLoadError(CompletionError):
+    """500 `model_load_failed`: the model exists but its files could not be loaded.
+
+    Our choice (OpenAI has no such case): a server-side fault, so 500 `server_error`, not
+    404. The message names the model only, never a filesystem path; the exception's
+    `__cause__` (CheckpointError, TokenizerFileError, OSError...) keeps the detail for logs.
+    """
+
+    status = 500
+    type = "server_error"
+
+    def __init__(self, model: str):
+        super().__init__(f"The model `{_clip(model)}` could not be loaded: its files on the "
+                         "server are damaged or unreadable.", param="model",
+                         code="model_load_failed")
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """A name from a request, cut so that it cannot make a message huge."""
+    return text if len(text) <= limit else text[:limit] + "..."
