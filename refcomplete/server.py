@@ -43,6 +43,7 @@ from refcomplete.params import DEFAULT_LIMITS, Limits
 MAX_BODY = 1 << 20   # bytes; OpenAI's own limits are larger, our prompts are short
 BODY_TIMEOUT = 30.0  # seconds to receive a whole request body (then 408)
 ROUTES = {"/v1/completions": ("POST",), "/v1/models": ("GET",)}
+SERVER_ERROR = "The server had an error while processing your request."
 log = logging.getLogger("refcomplete.server")
 
 
@@ -109,8 +110,7 @@ class Endpoint:
             return self._handle(method, path, headers, body, oversized)
         except Exception:
             log.exception("unexpected error answering %s %s", method, _clip(path))
-            return error_response(500, "The server had an error while processing your request.",
-                                  "server_error")
+            return error_response(500, SERVER_ERROR, "server_error")
 
     def gate(self, method: str, path: str, headers: Mapping[str, str]) -> HTTPResponse | None:
         """The checks that need no body: route (404), method (405), key (401); None: pass.
@@ -200,12 +200,12 @@ class Endpoint:
                     break
                 yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
         except Exception as exc:  # after the 200 went out: OpenAI's mid-stream error frame
-            if not isinstance(exc, CompletionError):
+            if isinstance(exc, CompletionError):
+                body = exc.to_dict()
+            else:                 # a fault of ours: logged here, never detailed to the client
                 log.exception("unexpected error in a stream")
-            status = exc.to_dict() if isinstance(exc, CompletionError) else {"error": {
-                "message": f"The server had an error processing your request ({type(exc).__name__}).",
-                "type": "server_error", "param": None, "code": None}}
-            yield b"data: " + json.dumps(status).encode() + b"\n\n"
+                body = json.loads(error_response(500, SERVER_ERROR, "server_error").body)
+            yield b"data: " + json.dumps(body).encode() + b"\n\n"
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
