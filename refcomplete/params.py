@@ -29,6 +29,11 @@ KNOWN = frozenset({
 ENDOFTEXT = "<|endoftext|>"
 MAX_LOGPROBS = 5
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+# The smallest temperature used: z / t must stay finite for any float32 logits (|z| <
+# 3.5e38 with bias and penalties), else softmax computes inf - inf = NaN. A positive
+# temperature below it is raised to it, which changes no draw unless two logits differ
+# by less than about 1e-190 (found by fuzzing: temperature 2.2e-313 crashed select).
+MIN_TEMPERATURE = 1e-200
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,11 @@ def _integer(p: dict, name: str, default: int | None, lo: int, hi: int | None = 
     if hi is not None and x > hi:
         raise _bad(f"{_show(x)} is greater than the maximum of {hi} - '{name}'", name)
     return x
+
+
+def _temperature(t: float) -> float:
+    """0 stays 0 (greedy); a positive temperature is at least MIN_TEMPERATURE."""
+    return t if t == 0 else max(t, MIN_TEMPERATURE)
 
 
 def _boolean(p: dict, name: str) -> bool:
@@ -308,7 +318,7 @@ def parse(p: dict, limits: Limits = DEFAULT_LIMITS) -> CompletionRequest:
         model=model,
         prompt=_prompt(p.get("prompt"), limits),
         max_tokens=max_tokens,
-        temperature=_number(p, "temperature", 1.0, 0, 2),
+        temperature=_temperature(_number(p, "temperature", 1.0, 0, 2)),
         top_p=_number(p, "top_p", 1.0, 0, 1),
         n=n,
         best_of=best_of,
