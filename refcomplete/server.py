@@ -42,6 +42,7 @@ from refcomplete.params import DEFAULT_LIMITS, Limits
 
 MAX_BODY = 1 << 20   # bytes; OpenAI's own limits are larger, our prompts are short
 BODY_TIMEOUT = 30.0  # seconds to receive a whole request body (then 408)
+SHUTDOWN_TIMEOUT = 10  # seconds a stop waits for requests in flight (a stalled reader...)
 ROUTES = {"/v1/completions": ("POST",), "/v1/models": ("GET",)}
 SERVER_ERROR = "The server had an error while processing your request."
 log = logging.getLogger("refcomplete.server")
@@ -317,12 +318,15 @@ def load_endpoint(models: list[str], api_key: str | None = None, max_body: int =
 
 def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, log_level: str = "info", max_body: int = MAX_BODY,
-          limits: Limits = DEFAULT_LIMITS, body_timeout: float = BODY_TIMEOUT) -> None:
-    """Load the models, then run uvicorn until interrupted (prints the address when ready)."""
+          limits: Limits = DEFAULT_LIMITS, body_timeout: float = BODY_TIMEOUT,
+          shutdown_timeout: int = SHUTDOWN_TIMEOUT) -> None:
+    """Load the models, then run uvicorn until interrupted (SIGINT, SIGTERM: requests in
+    flight get `shutdown_timeout` seconds to finish, then are cut)."""
     import uvicorn
 
     app = create_app(load_endpoint(models, api_key, max_body, limits), body_timeout)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
+                timeout_graceful_shutdown=shutdown_timeout)
 
 
 def _positive(kind):
@@ -360,6 +364,9 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--body-timeout", type=_positive(float), default=BODY_TIMEOUT,
                    metavar="SECONDS", help="time allowed to receive a request body; then a "
                    f"408 (default {BODY_TIMEOUT:g})")
+    p.add_argument("--shutdown-timeout", type=_positive(int), default=SHUTDOWN_TIMEOUT,
+                   metavar="SECONDS", help="on SIGINT/SIGTERM, time given to requests in "
+                   f"flight before they are cut (default {SHUTDOWN_TIMEOUT})")
     for flag, (name, text) in LIMIT_FLAGS.items():
         p.add_argument(flag, type=_positive(int), default=getattr(DEFAULT_LIMITS, name),
                        dest=name, metavar="N",
@@ -373,7 +380,7 @@ def _run(args) -> int:
     limits = Limits(**{name: getattr(args, name) for name, _ in LIMIT_FLAGS.values()})
     try:
         serve(args.models or [DEFAULT_MODEL], args.host, args.port, args.api_key,
-              args.log_level, args.max_body, limits, args.body_timeout)
+              args.log_level, args.max_body, limits, args.body_timeout, args.shutdown_timeout)
     except ModelNotFound as exc:
         print(f"error: {exc}")
         return 2
