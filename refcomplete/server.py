@@ -31,6 +31,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -378,6 +379,9 @@ def _run(args) -> int:
     from refcomplete.registry import DEFAULT_MODEL, ModelNotFound
 
     limits = Limits(**{name: getattr(args, name) for name, _ in LIMIT_FLAGS.values()})
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach "
+              "this address can use the server", file=sys.stderr)
     try:
         serve(args.models or [DEFAULT_MODEL], args.host, args.port, args.api_key,
               args.log_level, args.max_body, limits, args.body_timeout, args.shutdown_timeout)

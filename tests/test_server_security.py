@@ -341,3 +341,18 @@ def test_the_process_listens_on_loopback_only(tiny_dir):
         listening = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
         mine = [f for f in listening if int(f[1].split(":")[1], 16) == srv.port and f[3] == "0A"]
         assert mine and all(f[1].split(":")[0] == "0100007F" for f in mine), mine
+
+
+def test_a_public_address_without_a_key_is_warned_about(monkeypatch, capsys):
+    """Checked without binding anything: the tests listen on 127.0.0.1 only."""
+    import argparse
+    from refcomplete import server
+    monkeypatch.setattr(server, "serve", lambda *a, **k: None)
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_subcommand(sub)
+    for argv, warned in ((["--host", "0.0.0.0"], True), (["--host", "0.0.0.0", "--api-key", KEY],
+                         False), ([], False), (["--host", "::1"], False)):
+        args = sub.choices["serve"].parse_args(argv)
+        assert args.handler(args) == 0
+        err = capsys.readouterr().err
+        assert ("without --api-key" in err) == warned and KEY not in err
