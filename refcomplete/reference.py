@@ -1,8 +1,8 @@
 """GPT-2 forward in plain NumPy, no cache: the specification of the fast path.
 
 Knows: GPT-2's math (picoGPT-shaped pure functions). Does not know: caches, batching,
-sampling. runtime.py uses `block` for prompt prefill (BLAS matmuls) and pins its
-Numba decode path to `forward` in tests.
+sampling. Tests pin the Numba runtime (runtime.py) to `forward`; the runtime never
+calls it, so this file can stay as plain as the math.
 
 Dimensions: T = sequence length, C = n_embd, H = n_head, D = C // H, V = n_vocab.
 All arrays are float32.

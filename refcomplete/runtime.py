@@ -1,5 +1,5 @@
-"""The fast GPT-2 runtime: prompt prefill with BLAS, then batched KV-cache decode steps
-with Numba kernels. Implements refcomplete.lm.LanguageModel.
+"""The fast GPT-2 runtime: a prompt prefill, then batched KV-cache decode steps, all with
+the Numba kernels (refcomplete.kernels). Implements refcomplete.lm.LanguageModel.
 
 Knows: how to run a checkpoint quickly and batch-invariantly. Does not know: sampling,
 requests, where checkpoints live (registry.py).
@@ -7,18 +7,18 @@ requests, where checkpoints live (registry.py).
 Dimensions: T = prompt length, R = rows of a session, B = rows in one step,
 L = layers, H = heads, D = head size, C = n_embd, S = per-row capacity, V = vocabulary.
 
-Invariance (SEMANTICS 4): the prompt is prefilled once per session by the NumPy
-reference block (BLAS), alone, so its cache does not depend on the rows. Every later
-token goes through the Numba kernels, whose per-row results do not depend on the batch.
-The LM head is always the Numba kernel, so the last prompt position's logits are the
-same whether or not all positions were asked for.
+Invariance (SEMANTICS 4): the prompt is prefilled once per session, alone, so its cache
+does not depend on the rows; every token, prompt or generated, goes through kernels
+whose per-row results depend neither on the batch nor on the thread count. No BLAS call
+is made, so OpenBLAS's thread count cannot change a bit either (it did when the prefill
+used the NumPy reference's matmuls). The reference (reference.py) is the spec the tests
+pin this runtime to.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from refcomplete import reference
 from refcomplete.checkpoint import Checkpoint
 from refcomplete.tokenizer import get_tokenizer
 
@@ -56,6 +56,32 @@ class GPT2Model:
         """Logits for every position of ids, float32 [T, V] (a prefill, no generation)."""
         return self.session(ids, rows=1, max_new_tokens=0).prefill(all_positions=True)
 
+    def _layers(self, x, k_pre, v_pre, n_pre, k_row, v_row, rows, slot) -> np.ndarray:
+        """Every block, with the kernels, for B new tokens: x [B, C] (embedded); token i is
+        row rows[i]'s entry slot[i], after the n_pre shared prompt entries k_pre/v_pre
+        (L x [H, P, D]). Writes the new keys/values into k_row/v_row (L x [R, H, S, D])."""
+        k, cfg = self._k, self.config
+        self._numba.set_num_threads(self._tasks)
+        B, C, H = x.shape[0], cfg.n_embd, cfg.n_head
+        D = C // H
+        h = np.empty((B, C), np.float32)
+        qkv = np.empty((B, 3 * C), np.float32)
+        a = np.empty((B, H, D), np.float32)
+        f = np.empty((B, 4 * C), np.float32)
+        for layer, blk in enumerate(self.params.blocks):
+            k.layer_norm(x, blk["ln_1.weight"], blk["ln_1.bias"], cfg.layer_norm_epsilon, h)
+            k.linear(h, blk["attn.c_attn.weight"], blk["attn.c_attn.bias"], qkv, self._tasks)
+            q, kn, vn = (qkv[:, i * C:(i + 1) * C].reshape(B, H, D) for i in range(3))
+            k_row[layer][rows, :, slot] = kn
+            v_row[layer][rows, :, slot] = vn
+            k.attend(np.ascontiguousarray(q), k_pre[layer], v_pre[layer], n_pre,
+                     k_row[layer], v_row[layer], rows, slot + 1, a)
+            k.linear_residual(a.reshape(B, C), blk["attn.c_proj.weight"], blk["attn.c_proj.bias"], x, self._tasks)
+            k.layer_norm(x, blk["ln_2.weight"], blk["ln_2.bias"], cfg.layer_norm_epsilon, h)
+            k.linear_gelu(h, blk["mlp.c_fc.weight"], blk["mlp.c_fc.bias"], f, self._tasks)
+            k.linear_residual(f, blk["mlp.c_proj.weight"], blk["mlp.c_proj.bias"], x, self._tasks)
+        return x
+
     def _head(self, x: np.ndarray) -> np.ndarray:                    # [B, C] -> [B, V]
         k, p, cfg = self._k, self.params, self.config
         self._numba.set_num_threads(self._tasks)
@@ -81,47 +107,38 @@ class Session:
         self.n_row = np.zeros(rows, np.int64)                           # filled entries per row
 
     def prefill(self, all_positions: bool = False) -> np.ndarray:
-        """Run the prompt through the reference blocks; return [T, V] or [1, V] logits."""
+        """Run the prompt once, for every row; return [T, V] or [1, V] logits.
+
+        The prompt goes through the same kernels as decode steps, as T rows of one
+        sequence with no shared prefix: its cache then does not depend on BLAS's thread
+        count, and no BLAS thread pool is left spinning against the decode kernels.
+        """
         if self.k_pre:
             raise RuntimeError("prefill() was already called on this session")
         m, cfg = self.model, self.model.config
-        x = reference.embed(self.prompt, m.params)                      # [T, C]
-        for p in m.params.blocks:
-            x, (k, v) = reference.block(x, p, cfg.n_head, cfg.layer_norm_epsilon)
-            self.k_pre.append(np.ascontiguousarray(k))
-            self.v_pre.append(np.ascontiguousarray(v))
-        x = np.ascontiguousarray(x if all_positions else x[-1:], dtype=np.float32)
+        T, H, D = len(self.prompt), cfg.n_head, cfg.n_embd // cfg.n_head
+        none = [np.zeros((H, 0, D), np.float32)] * cfg.n_layer           # no shared prefix
+        k_all = [np.empty((1, H, T, D), np.float32) for _ in range(cfg.n_layer)]
+        v_all = [np.empty((1, H, T, D), np.float32) for _ in range(cfg.n_layer)]
+        x = m.params.wte[self.prompt] + m.params.wpe[:T]                 # [T, C]
+        x = m._layers(x, none, none, 0, k_all, v_all, np.zeros(T, np.int64), np.arange(T))
+        self.k_pre = [k[0] for k in k_all]                               # L x [H, T, D]
+        self.v_pre = [v[0] for v in v_all]
+        x = np.ascontiguousarray(x if all_positions else x[-1:])
         return m._head(x)
 
     def step(self, rows, tokens) -> np.ndarray:
         """Append tokens[i] to rows[i]; return float32 [B, V] next-token logits."""
         if not self.k_pre:
             raise RuntimeError("call prefill() before step()")
-        m, k, p, cfg = self.model, self.model._k, self.model.params, self.model.config
+        m = self.model
         rows = np.asarray(rows, dtype=np.int64)
         tokens = np.asarray(tokens, dtype=np.int64)
         if np.any(self.n_row[rows] >= self.capacity) or len(np.unique(rows)) != len(rows):
             raise ValueError("row capacity exceeded or a row given twice")
-        B, C, H = len(rows), cfg.n_embd, cfg.n_head
-        D, T = C // H, len(self.prompt)
+        T = len(self.prompt)
         slot = self.n_row[rows]                                         # [B] cache slot of the new token
-        m._numba.set_num_threads(m._tasks)
         x = m.params.wte[tokens] + m.params.wpe[T + slot]               # [B, C]
-        h = np.empty((B, C), np.float32)
-        qkv = np.empty((B, 3 * C), np.float32)
-        a = np.empty((B, H, D), np.float32)
-        f = np.empty((B, 4 * C), np.float32)
-        for layer, blk in enumerate(p.blocks):
-            k.layer_norm(x, blk["ln_1.weight"], blk["ln_1.bias"], cfg.layer_norm_epsilon, h)
-            k.linear(h, blk["attn.c_attn.weight"], blk["attn.c_attn.bias"], qkv, m._tasks)
-            q, kn, vn = (qkv[:, i * C:(i + 1) * C].reshape(B, H, D) for i in range(3))
-            self.k_row[layer][rows, :, slot] = kn
-            self.v_row[layer][rows, :, slot] = vn
-            k.attend(np.ascontiguousarray(q), self.k_pre[layer], self.v_pre[layer], T,
-                     self.k_row[layer], self.v_row[layer], rows, slot + 1, a)
-            k.linear_residual(a.reshape(B, C), blk["attn.c_proj.weight"], blk["attn.c_proj.bias"], x, m._tasks)
-            k.layer_norm(x, blk["ln_2.weight"], blk["ln_2.bias"], cfg.layer_norm_epsilon, h)
-            k.linear_gelu(h, blk["mlp.c_fc.weight"], blk["mlp.c_fc.bias"], f, m._tasks)
-            k.linear_residual(f, blk["mlp.c_proj.weight"], blk["mlp.c_proj.bias"], x, m._tasks)
+        x = m._layers(x, self.k_pre, self.v_pre, T, self.k_row, self.v_row, rows, slot)
         self.n_row[rows] += 1
         return m._head(x)

@@ -22,8 +22,19 @@ def test_prefill_and_steps_match_reference(model):
         np.testing.assert_allclose(sess.step([0], [ids[t]])[0], ref[t], atol=1e-4)
 
 
-def test_last_position_same_with_or_without_all_positions(model):
-    ids = [1, 2, 3, 4, 5]
+@pytest.mark.parametrize("T", [1, 5, 33, 50])
+def test_prefill_of_any_length_matches_reference(model, T):
+    ids = list(np.random.default_rng(T).integers(0, 50257, T + 3))
+    ref = reference.forward(ids, model.params, model.config)
+    sess = model.session(ids[:T], rows=2, max_new_tokens=3)
+    np.testing.assert_allclose(sess.prefill(all_positions=True), ref[:T], atol=1e-4)
+    for t in range(T, T + 3):
+        np.testing.assert_allclose(sess.step([1], [ids[t]])[0], ref[t], atol=1e-4)
+
+
+@pytest.mark.parametrize("T", [5, 40])
+def test_last_position_same_with_or_without_all_positions(model, T):
+    ids = list(range(1, T + 1))
     a = model.session(ids, 1, 1).prefill(all_positions=True)[-1]
     b = model.session(ids, 1, 1).prefill(all_positions=False)[0]
     assert np.array_equal(a, b)
