@@ -218,9 +218,10 @@ def _top_p_keep(p: np.ndarray, top_p: float) -> np.ndarray:
             before = np.concatenate(([0.0], cum[:-1]))
             n_keep = max(1, int(np.count_nonzero(before < top_p)))   # `before` is nondecreasing
             last = vals[n_keep - 1]
-            above = cand[pc > last]
-            ties = cand[pc == last][: n_keep - len(above)]           # lowest ids first
-            return np.sort(np.concatenate((above, ties)))
+            keep = pc > last
+            ties = np.flatnonzero(pc == last)[: n_keep - int(np.count_nonzero(keep))]
+            keep[ties] = True                                        # lowest ids first
+            return cand[keep]                                        # ascending, as cand
     raise AssertionError("unreachable")
 
 
