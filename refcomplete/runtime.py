@@ -33,10 +33,12 @@ class GPT2Model:
 
         self._k = kernels
         self._numba = numba
-        # Threads: one for narrow models, whose kernels are too small to pay for a parallel
-        # region (which stalls for milliseconds when another process holds a core); all of
-        # them for wide models. Set per call (numba's setting is per thread). Never changes a value.
-        self._tasks = 1 if checkpoint.config.n_embd < 512 else numba.get_num_threads()
+        # Threads: the layers of narrow models run on one, their kernels being too small to
+        # pay for a parallel region (which stalls for milliseconds when another process
+        # holds a core); wide models' layers and every LM head (>= 6M multiply-adds) use
+        # all of them. Set per call (numba's setting is per thread). Never changes a value.
+        self._threads = numba.config.NUMBA_NUM_THREADS
+        self._tasks = 1 if checkpoint.config.n_embd < 512 else self._threads
         self.checkpoint = checkpoint
         self.config = checkpoint.config
         self.params = checkpoint.params
@@ -84,7 +86,7 @@ class GPT2Model:
 
     def _head(self, x: np.ndarray) -> np.ndarray:                    # [B, C] -> [B, V]
         k, p, cfg = self._k, self.params, self.config
-        self._numba.set_num_threads(self._tasks)
+        self._numba.set_num_threads(self._threads)
         h = np.empty_like(x)
         k.layer_norm(x, p.ln_f_weight, p.ln_f_bias, cfg.layer_norm_epsilon, h)
         out = np.empty((x.shape[0], self.n_vocab), np.float32)
