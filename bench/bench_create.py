@@ -88,21 +88,41 @@ def first_token_fresh_process() -> float:
     return best_of(lambda: subprocess.run(cmd, check=True, capture_output=True), 3)
 
 
+TINY_KW = dict(temperature=0.8, top_p=0.9, presence_penalty=0.5, frequency_penalty=0.5, logprobs=5, seed=1)
+MEASURES = {  # name -> (label, target, ours, HF); each side runs in its own process
+    "P1": ("P1 124M batch 1 greedy (tok/s)", 2.0,
+           lambda n: ours(str(checkpoint()), n, temperature=0), lambda n: hf(checkpoint(), n)),
+    "P2": ("P2 124M n=8 top_p 0.9 (tok/s)", 3.0,
+           lambda n: ours(str(checkpoint()), n, n=8, top_p=0.9, seed=1),
+           lambda n: hf(checkpoint(), n, rows=8, sample=True, top_p=0.9)),
+    "P3": ("P3 tiny, top_p+penalties+logprobs=5 (tok/s)", 5.0,
+           lambda n: ours(str(TINY), n, **TINY_KW),
+           lambda n: hf(TINY, n, sample=True, top_p=0.9, temperature=0.8, penalties=(0.5, 0.5), logprobs=True)),
+}
+
+
+def measure(name: str, side: str, tokens: int) -> float:
+    """One side of one measure, in a fresh process (torch's and Numba's thread pools
+    would otherwise compete)."""
+    out = subprocess.run([sys.executable, __file__, "--one", name, side, "--tokens", str(tokens)],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--one", nargs=2, metavar=("MEASURE", "SIDE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    big, n = str(checkpoint()), args.tokens
-    tiny_kw = dict(temperature=0.8, top_p=0.9, presence_penalty=0.5, frequency_penalty=0.5, logprobs=5, seed=1)
-    rows = {
-        "P1 124M batch 1 greedy (tok/s)": (ours(big, n, temperature=0), hf(big, n), 2.0),
-        "P2 124M n=8 top_p 0.9 (tok/s)": (ours(big, n, n=8, top_p=0.9, seed=1),
-                                          hf(big, n, rows=8, sample=True, top_p=0.9), 3.0),
-        "P3 tiny, top_p+penalties+logprobs=5 (tok/s)": (
-            ours(str(TINY), n, **tiny_kw),
-            hf(TINY, n, sample=True, top_p=0.9, temperature=0.8, penalties=(0.5, 0.5), logprobs=True), 5.0),
-    }
+    if args.one:
+        name, side = args.one
+        print(MEASURES[name][2 if side == "ours" else 3](args.tokens))
+        return
+    checkpoint()
+    rows = {}
+    for name, (label, target, _, _) in MEASURES.items():
+        rows[label] = (measure(name, "ours", args.tokens), measure(name, "hf", args.tokens), target)
     print(f"\n{json.dumps(facts())}\n")
     print("| measure | refcomplete | HF transformers | ratio | target |")
     print("|---|---|---|---|---|")
