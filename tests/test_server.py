@@ -7,10 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -20,63 +16,19 @@ import openai
 import pytest
 
 from fakes import FakeModel
+from test_server_security import free_port, serve_process
 from refcomplete.completions import Completions
 from refcomplete.server import Endpoint, create_app
 
 KEY = "sk-test-key"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def server_process(*models: str, api_key: str | None = None, timeout: float = 90.0):
     """Start `refcomplete serve` in a subprocess on a free port; yield its base URL; always
-    kill it. A start that fails (e.g. the port was taken meanwhile) is retried once."""
-    for attempt in range(2):
-        try:
-            cm = _server_process(models, api_key, timeout)
-            url = cm.__enter__()
-            break
-        except RuntimeError:
-            if attempt:
-                raise
-    try:
-        yield url
-    finally:
-        cm.__exit__(None, None, None)
-
-
-@contextlib.contextmanager
-def _server_process(models, api_key, timeout):
-    port = free_port()
-    argv = [sys.executable, "-m", "refcomplete.cli", "serve", "--port", str(port),
-            "--log-level", "warning", *[a for m in models for a in ("--model", m)],
-            *(["--api-key", api_key] if api_key else [])]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("server exited: " + proc.stdout.read().decode(errors="replace"))
-            try:
-                if httpx.get(url + "/v1/models", timeout=1).status_code in (200, 401):
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server on port {port} not ready after {timeout}s")
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-        proc.stdout.close()
+    stop it (test_server_security.serve_process does the work)."""
+    with serve_process(*models, flags=["--api-key", api_key] if api_key else [], timeout=timeout) as srv:
+        yield srv.url
 
 
 @pytest.fixture(scope="module")
