@@ -9,9 +9,12 @@ the session, V = vocabulary.
 
 Batch invariance (SEMANTICS 4): every output element is computed by one thread, with
 a reduction order that depends only on its own row, never on B or on which rows share
-the step. Reductions over K in the linear layers run k = 0, 1, ..., K-1 strictly in
-order (no reassociation, no FMA contraction), so they are also the same on any CPU.
-Dot products are vectorised by LLVM (see DOT_FLAGS): same order for every row.
+the step. Every reduction runs strictly in order (k = 0, 1, ..., K-1 in the linear
+layers and the LM head, d = 0, ..., D-1 in attention scores, positions in order in the
+softmax), with no reassociation and no FMA contraction: the same bits on any CPU and
+from a cold or a warm Numba cache. Vectorisation runs across independent outputs only
+(columns, positions), which is why the LM head takes the embedding matrix transposed
+and attention takes keys transposed.
 Parallel loops split only over output columns / vocabulary / (row, head) pairs;
 `tasks` (the linear layers' split, normally numba.get_num_threads()) never changes a value.
 """
@@ -22,11 +25,9 @@ import numpy as np
 from numba import njit, prange
 
 GELU_C = np.float32(math.sqrt(2.0 / math.pi))
-VOCAB_PER_TASK = 512    # vocabulary rows per parallel task of the LM head
-# Dot products (LM head, attention scores and softmax sums) may be reassociated so that
-# LLVM vectorises them: the order is then fixed by the compiled code for this CPU, the
-# same for every row, so results stay batch invariant (but may differ across CPU kinds).
-DOT_FLAGS = {"reassoc", "nsz"}
+# No kernel allows reassociation (fastmath): with it, the machine code Numba writes to its
+# cache summed in another order than the code it JIT-compiles, so bits differed between
+# a cold and a warm cache (tests/test_kernels.py::test_cold_and_warm_cache_agree).
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -149,44 +150,15 @@ def linear_residual(x, w, bias, resid, tasks):                     # resid [B, N
                 resid[b, n] = resid[b, n] + (acc[b, n - n0] + bias[n])
 
 
-@njit(cache=True, parallel=True, fastmath=DOT_FLAGS)
-def lm_head(x, wte, out):                                   # [B, C] . [V, C] -> out [B, V]
-    """Four vocabulary rows per pass over each x row (a quarter of the x loads); every
-    dot product is the same vectorised loop, whichever group its row falls in."""
-    B, C = x.shape
-    V = wte.shape[0]
-    for t in prange((V + VOCAB_PER_TASK - 1) // VOCAB_PER_TASK):
-        v, v1 = t * VOCAB_PER_TASK, min(V, (t + 1) * VOCAB_PER_TASK)
-        while v + 4 <= v1:
-            w0, w1, w2, w3 = wte[v], wte[v + 1], wte[v + 2], wte[v + 3]
-            for b in range(B):
-                xb = x[b]
-                s0 = s1 = s2 = s3 = np.float32(0.0)
-                for c in range(C):
-                    xc = xb[c]
-                    s0 += xc * w0[c]
-                    s1 += xc * w1[c]
-                    s2 += xc * w2[c]
-                    s3 += xc * w3[c]
-                out[b, v], out[b, v + 1], out[b, v + 2], out[b, v + 3] = s0, s1, s2, s3
-            v += 4
-        for u in range(v, v1):
-            wu = wte[u]
-            for b in range(B):
-                xb = x[b]
-                s = np.float32(0.0)
-                for c in range(C):
-                    s += xb[c] * wu[c]
-                out[b, u] = s
-
-
-@njit(cache=True, parallel=True, fastmath=DOT_FLAGS)
-def attend(q, k_pre, v_pre, n_pre, k_row, v_row, rows, n_row, out):
+@njit(cache=True, parallel=True)
+def attend(q, kt_pre, v_pre, n_pre, kt_row, v_row, rows, n_row, out):
     """Causal attention of one new query per row over the shared prompt and the row's own past.
 
-    q [B, H, D]; k_pre, v_pre [H, P, D] (first n_pre used); k_row, v_row [R, H, S, D];
-    rows [B] (session row of each batch entry); n_row [B] (filled entries of that row,
-    the new token's included); out [B, H, D].
+    q [B, H, D]; kt_pre [H, D, P] (keys transposed), v_pre [H, P, D] (first n_pre used);
+    kt_row [R, H, D, S], v_row [R, H, S, D]; rows [B] (session row of each batch entry);
+    n_row [B] (filled entries of that row, the new token's included); out [B, H, D].
+    Keys are stored transposed so that every score sums over d strictly in order while
+    the loop over positions vectorises (no reassociation anywhere).
     """
     B, H, D = q.shape
     scale = np.float32(math.sqrt(D))
@@ -195,37 +167,38 @@ def attend(q, k_pre, v_pre, n_pre, k_row, v_row, rows, n_row, out):
         h = i % H
         r = rows[b]
         m = n_row[b]
-        s = np.empty(n_pre + m, np.float32)
+        s = np.zeros(n_pre + m, np.float32)
         qh = q[b, h]
-        for t in range(n_pre):
-            kt = k_pre[h, t]
-            acc = np.float32(0.0)
-            for d in range(D):
-                acc += qh[d] * kt[d]
-            s[t] = acc / scale
-        for t in range(m):
-            kt = k_row[r, h, t]
-            acc = np.float32(0.0)
-            for d in range(D):
-                acc += qh[d] * kt[d]
-            s[n_pre + t] = acc / scale
-        mx = s[0]
-        for t in range(1, n_pre + m):
+        sp = s[:n_pre]
+        sr = s[n_pre:]
+        for d in range(D):
+            qd = qh[d]
+            kp = kt_pre[h, d]
+            for t in range(n_pre):
+                sp[t] += qd * kp[t]
+            kr = kt_row[r, h, d]
+            for t in range(m):
+                sr[t] += qd * kr[t]
+        mx = s[0] / scale
+        for t in range(n_pre + m):
+            s[t] = s[t] / scale
             mx = max(mx, s[t])
         total = np.float32(0.0)
         for t in range(n_pre + m):
             s[t] = np.exp(s[t] - mx)
             total += s[t]
-        for d in range(D):
-            out[b, h, d] = 0.0
+        o = out[b, h]
+        o[:] = 0.0
         for t in range(n_pre):
             p = s[t] / total
+            vt = v_pre[h, t]
             for d in range(D):
-                out[b, h, d] += p * v_pre[h, t, d]
+                o[d] += p * vt[d]
         for t in range(m):
             p = s[n_pre + t] / total
+            vt = v_row[r, h, t]
             for d in range(D):
-                out[b, h, d] += p * v_row[r, h, t, d]
+                o[d] += p * vt[d]
 
 
 # ----------------------------------------------------------------------------- NumPy twins (the spec)
@@ -252,17 +225,13 @@ def linear_residual_ref(x, w, bias, resid):
     return resid + (x @ w + bias)
 
 
-def lm_head_ref(x, wte):
-    return x @ wte.T
-
-
-def attend_ref(q, k_pre, v_pre, n_pre, k_row, v_row, rows, n_row):
+def attend_ref(q, kt_pre, v_pre, n_pre, kt_row, v_row, rows, n_row):
     B, H, D = q.shape
     out = np.empty_like(q)
     for b in range(B):
-        k = np.concatenate([k_pre[:, :n_pre], k_row[rows[b], :, : n_row[b]]], axis=1)  # [H, T, D]
-        v = np.concatenate([v_pre[:, :n_pre], v_row[rows[b], :, : n_row[b]]], axis=1)
-        s = np.einsum("hd,htd->ht", q[b], k) / np.float32(np.sqrt(D))
+        k = np.concatenate([kt_pre[:, :, :n_pre], kt_row[rows[b], :, :, : n_row[b]]], axis=2)  # [H, D, T]
+        v = np.concatenate([v_pre[:, :n_pre], v_row[rows[b], :, : n_row[b]]], axis=1)         # [H, T, D]
+        s = np.einsum("hd,hdt->ht", q[b], k) / np.float32(np.sqrt(D))
         p = np.exp(s - s.max(axis=-1, keepdims=True))
         p /= p.sum(axis=-1, keepdims=True)
         out[b] = np.einsum("ht,htd->hd", p, v)

@@ -191,6 +191,27 @@ def _tensor_entry(path: Path, key: str, info) -> tuple:
     return _DTYPES[info["dtype"]], tuple(shape), tuple(offsets)
 
 
+def release_pages(array: np.ndarray) -> None:
+    """Tell the OS it may drop the resident file pages behind a memory-mapped tensor (they
+    are read again from the file if used). A no-op for arrays that are not file mappings."""
+    import mmap
+
+    base = array
+    while base is not None and not isinstance(base, np.memmap):
+        base = base.base
+    mm = getattr(base, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    origin = np.frombuffer(mm, dtype=np.uint8).__array_interface__["data"][0]
+    start = array.__array_interface__["data"][0] - origin         # byte position in the mapping
+    first = start - start % mmap.PAGESIZE
+    last = start + array.nbytes
+    try:
+        mm.madvise(mmap.MADV_DONTNEED, first, (last - first) // mmap.PAGESIZE * mmap.PAGESIZE)
+    except (OSError, ValueError):
+        pass
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

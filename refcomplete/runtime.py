@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refcomplete.checkpoint import Checkpoint
+from refcomplete.checkpoint import Checkpoint, release_pages
 from refcomplete.tokenizer import get_tokenizer
 
 
@@ -39,6 +39,14 @@ class GPT2Model:
         # all of them. Set per call (numba's setting is per thread). Never changes a value.
         self._threads = numba.config.NUMBA_NUM_THREADS
         self._tasks = 1 if checkpoint.config.n_embd < 512 else self._threads
+        # The LM head is a linear layer over the embedding matrix transposed, [C, V] (a
+        # copy; the mapped [V, C] file pages are released afterwards), so that it sums
+        # over C strictly in order while vectorising across the vocabulary.
+        p = checkpoint.params
+        self._head_w = np.ascontiguousarray(p.lm_head.T)                 # [C, V]
+        self._head_b = np.zeros(checkpoint.config.n_vocab, np.float32)   # [V]
+        self._head_tasks = max(self._threads, -(-checkpoint.config.n_vocab // 2048))
+        release_pages(p.lm_head)
         self.checkpoint = checkpoint
         self.config = checkpoint.config
         self.params = checkpoint.params
@@ -58,10 +66,15 @@ class GPT2Model:
         """Logits for every position of ids, float32 [T, V] (a prefill, no generation)."""
         return self.session(ids, rows=1, max_new_tokens=0).prefill(all_positions=True)
 
+    def _embed(self, tokens, positions) -> np.ndarray:                # [B] -> [B, C]
+        wte = self._head_w.T if self.params.lm_head is self.params.wte else self.params.wte
+        return wte[tokens] + self.params.wpe[positions]               # tied: the copy, not the file
+
     def _layers(self, x, k_pre, v_pre, n_pre, k_row, v_row, rows, slot) -> np.ndarray:
         """Every block, with the kernels, for B new tokens: x [B, C] (embedded); token i is
-        row rows[i]'s entry slot[i], after the n_pre shared prompt entries k_pre/v_pre
-        (L x [H, P, D]). Writes the new keys/values into k_row/v_row (L x [R, H, S, D])."""
+        row rows[i]'s entry slot[i], after the n_pre shared prompt entries: keys k_pre
+        (L x [H, D, P], transposed), values v_pre (L x [H, P, D]). Writes the new keys and
+        values into k_row (L x [R, H, D, S]) and v_row (L x [R, H, S, D])."""
         k, cfg = self._k, self.config
         self._numba.set_num_threads(self._tasks)
         B, C, H = x.shape[0], cfg.n_embd, cfg.n_head
@@ -74,7 +87,7 @@ class GPT2Model:
             k.layer_norm(x, blk["ln_1.weight"], blk["ln_1.bias"], cfg.layer_norm_epsilon, h)
             k.linear(h, blk["attn.c_attn.weight"], blk["attn.c_attn.bias"], qkv, self._tasks)
             q, kn, vn = (qkv[:, i * C:(i + 1) * C].reshape(B, H, D) for i in range(3))
-            k_row[layer][rows, :, slot] = kn
+            k_row[layer][rows, :, :, slot] = kn
             v_row[layer][rows, :, slot] = vn
             k.attend(np.ascontiguousarray(q), k_pre[layer], v_pre[layer], n_pre,
                      k_row[layer], v_row[layer], rows, slot + 1, a)
@@ -90,7 +103,7 @@ class GPT2Model:
         h = np.empty_like(x)
         k.layer_norm(x, p.ln_f_weight, p.ln_f_bias, cfg.layer_norm_epsilon, h)
         out = np.empty((x.shape[0], self.n_vocab), np.float32)
-        k.lm_head(h, p.lm_head, out)
+        k.linear(h, self._head_w, self._head_b, out, self._head_tasks)
         return out
 
 
@@ -101,11 +114,11 @@ class Session:
         cfg = model.config
         self.model, self.prompt, self.rows, self.capacity = model, prompt, rows, capacity
         H, D = cfg.n_head, cfg.n_embd // cfg.n_head
-        self.k_pre: list[np.ndarray] = []                               # L x [H, T, D]
-        self.v_pre: list[np.ndarray] = []
-        shape = (rows, H, max(capacity, 1), D)                          # [R, H, S, D]
-        self.k_row = [np.empty(shape, np.float32) for _ in range(cfg.n_layer)]
-        self.v_row = [np.empty(shape, np.float32) for _ in range(cfg.n_layer)]
+        self.k_pre: list[np.ndarray] = []                               # L x [H, D, T]
+        self.v_pre: list[np.ndarray] = []                               # L x [H, T, D]
+        S = max(capacity, 1)
+        self.k_row = [np.empty((rows, H, D, S), np.float32) for _ in range(cfg.n_layer)]
+        self.v_row = [np.empty((rows, H, S, D), np.float32) for _ in range(cfg.n_layer)]
         self.n_row = np.zeros(rows, np.int64)                           # filled entries per row
 
     def prefill(self, all_positions: bool = False) -> np.ndarray:
@@ -119,12 +132,13 @@ class Session:
             raise RuntimeError("prefill() was already called on this session")
         m, cfg = self.model, self.model.config
         T, H, D = len(self.prompt), cfg.n_head, cfg.n_embd // cfg.n_head
-        none = [np.zeros((H, 0, D), np.float32)] * cfg.n_layer           # no shared prefix
-        k_all = [np.empty((1, H, T, D), np.float32) for _ in range(cfg.n_layer)]
+        k_none = [np.zeros((H, D, 0), np.float32)] * cfg.n_layer         # no shared prefix
+        v_none = [np.zeros((H, 0, D), np.float32)] * cfg.n_layer
+        k_all = [np.empty((1, H, D, T), np.float32) for _ in range(cfg.n_layer)]
         v_all = [np.empty((1, H, T, D), np.float32) for _ in range(cfg.n_layer)]
-        x = m.params.wte[self.prompt] + m.params.wpe[:T]                 # [T, C]
-        x = m._layers(x, none, none, 0, k_all, v_all, np.zeros(T, np.int64), np.arange(T))
-        self.k_pre = [k[0] for k in k_all]                               # L x [H, T, D]
+        x = m._embed(self.prompt, np.arange(T))                          # [T, C]
+        x = m._layers(x, k_none, v_none, 0, k_all, v_all, np.zeros(T, np.int64), np.arange(T))
+        self.k_pre = [k[0] for k in k_all]                               # L x [H, D, T]
         self.v_pre = [v[0] for v in v_all]
         x = np.ascontiguousarray(x if all_positions else x[-1:])
         return m._head(x)
@@ -140,7 +154,7 @@ class Session:
             raise ValueError("row capacity exceeded or a row given twice")
         T = len(self.prompt)
         slot = self.n_row[rows]                                         # [B] cache slot of the new token
-        x = m.params.wte[tokens] + m.params.wpe[T + slot]               # [B, C]
+        x = m._embed(tokens, T + slot)                                  # [B, C]
         x = m._layers(x, self.k_pre, self.v_pre, T, self.k_row, self.v_row, rows, slot)
         self.n_row[rows] += 1
         return m._head(x)
