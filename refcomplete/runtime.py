@@ -43,10 +43,14 @@ class GPT2Model:
         # copy; the mapped [V, C] file pages are released afterwards), so that it sums
         # over C strictly in order while vectorising across the vocabulary.
         p = checkpoint.params
-        self._head_w = np.ascontiguousarray(p.lm_head.T)                 # [C, V]
+        release_pages(p.lm_head)            # the file pages and the copy are never both resident:
+        self._head_w = np.empty(p.lm_head.shape[::-1], np.float32)      # [C, V]
+        for v0 in range(0, p.lm_head.shape[0], 4096):                    # (huge pages make the
+            block = p.lm_head[v0:v0 + 4096]                              # whole copy resident at
+            self._head_w[:, v0:v0 + len(block)] = block.T                # once) so the file is
+            release_pages(block)                                         # paged in block by block
         self._head_b = np.zeros(checkpoint.config.n_vocab, np.float32)   # [V]
         self._head_tasks = max(self._threads, -(-checkpoint.config.n_vocab // 2048))
-        release_pages(p.lm_head)
         self.checkpoint = checkpoint
         self.config = checkpoint.config
         self.params = checkpoint.params
