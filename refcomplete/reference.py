@@ -46,7 +46,7 @@ def causal_attention(q, k, v):                                  # [H, T, D] x3 -
 
 
 def block(x, p, n_head, eps):
-    """One transformer block. Returns the new residual [T, C] and this layer's (k, v) [H, T, D]."""
+    """One transformer block: the new residual [T, C]."""
     T, C = x.shape
     qkv = linear(layer_norm(x, p["ln_1.weight"], p["ln_1.bias"], eps),
                  p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # [T, 3C]
@@ -55,18 +55,17 @@ def block(x, p, n_head, eps):
     x = x + linear(a, p["attn.c_proj.weight"], p["attn.c_proj.bias"])
     h = gelu_new(linear(layer_norm(x, p["ln_2.weight"], p["ln_2.bias"], eps),
                         p["mlp.c_fc.weight"], p["mlp.c_fc.bias"]))   # [T, 4C]
-    x = x + linear(h, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])
-    return x, (k, v)
+    return x + linear(h, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])
 
 
-def embed(ids, params: GPT2Params, start: int = 0):              # [T] -> [T, C]
+def embed(ids, params: GPT2Params):                             # [T] -> [T, C]
     ids = np.asarray(ids)
-    return params.wte[ids] + params.wpe[start:start + len(ids)]
+    return params.wte[ids] + params.wpe[:len(ids)]
 
 
 def forward(ids, params: GPT2Params, config: GPT2Config):       # [T] -> [T, V] logits
     x = embed(ids, params)
     for p in params.blocks:
-        x, _ = block(x, p, config.n_head, config.layer_norm_epsilon)
+        x = block(x, p, config.n_head, config.layer_norm_epsilon)
     x = layer_norm(x, params.ln_f_weight, params.ln_f_bias, config.layer_norm_epsilon)
     return x @ params.lm_head.T
