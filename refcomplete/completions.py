@@ -77,10 +77,12 @@ class Completions:
                 raise ModelLoadError(name) from exc
         return self._loaded[name]
 
-    def create(self, **request) -> dict | Iterator[dict]:
+    def create(self, /, **request) -> dict | Iterator[dict]:
         """A completion dict, or with stream=True an iterator of chunk dicts.
 
-        Raises CompletionError (400/404) for every bad request, before any work.
+        Raises CompletionError (400/404) for every bad request, before any work. `self` is
+        positional-only, so that every keyword, `self` included, is a request key (an
+        unknown one is a 400, never a TypeError).
         """
         req = P.parse(request, self.limits)
         model = self.model(req.model)

@@ -26,6 +26,9 @@ KNOWN = frozenset({
     "suffix", "temperature", "top_p", "user",
     "logprobs_mode", "trace",  # extensions
 })
+# include_obfuscation (OpenAI's current spec) pads stream chunks with random characters
+# against length side channels; accepted and ignored, since our chunks must stay exact.
+STREAM_OPTIONS = frozenset({"include_usage", "include_obfuscation"})
 ENDOFTEXT = "<|endoftext|>"
 MAX_LOGPROBS = 5
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -285,10 +288,11 @@ def parse(p: dict, limits: Limits = DEFAULT_LIMITS) -> CompletionRequest:
         if not isinstance(options, dict):
             raise _type_error("stream_options", "an object", options)
         for key in options:
-            if key != "include_usage":
+            if key not in STREAM_OPTIONS:
                 raise _bad(f"Unrecognized request argument supplied: stream_options.{_clip(key)}",
                            "stream_options")
         include_usage = _boolean(options, "include_usage")
+        _boolean(options, "include_obfuscation")   # checked, then ignored: see STREAM_OPTIONS
     n = _integer(p, "n", 1, 1, 128)
     best_of = _integer(p, "best_of", n, 1, 20)
     if best_of < n:

@@ -60,6 +60,8 @@ BAD = [  # (changes, param)
     ({"user": 5}, "user"), ({"model": 5}, "model"), ({"model": ...}, "model"),
     ({"logprobs_mode": "cooked"}, "logprobs_mode"),
     ({"bogus": 1}, "bogus"), ({"functions": []}, "functions"),
+    ({"self": 1}, "self"), ({"request": {}}, "request"), ({"limits": None}, "limits"),
+    ({"stream": True, "stream_options": {"include_obfuscation": "yes"}}, "include_obfuscation"),
     ({"prompt": "x " * 70}, "max_tokens"), ({"max_tokens": 64}, "max_tokens"),
     ({"max_tokens": None, "prompt": [1] * 64}, "prompt"),
 ]
@@ -143,3 +145,30 @@ def test_valid_edge_values_are_accepted():
                     {"max_tokens": None, "prompt": [1] * 63}, {"seed": 2**63 - 1},
                     {"logprobs_mode": "processed", "logprobs": 0}):
         assert API.create(**{**OK, **changes})["object"] == "text_completion"
+
+
+# Names of the Python parameters a request passes through: as request keys each is an
+# unknown argument (a 400), never a TypeError from a collision with the signature.
+PYTHON_NAMES = ["self", "cls", "request", "p", "limits", "models", "kwargs", "args",
+                "__class__", "name"]
+
+
+@pytest.mark.parametrize("name", PYTHON_NAMES)
+def test_keys_named_like_python_parameters_are_unknown_arguments(name):
+    import refcomplete
+    e = error(**{name: 1})
+    assert (e.status, e.param, e.message) == (
+        400, name, f"Unrecognized request argument supplied: {name}")
+    with pytest.raises(CompletionError) as info:   # the module-level create() too
+        refcomplete.create(**{**OK, "model": "no-such-model-xyz", name: 1})
+    assert (info.value.status, info.value.param) == (400, name)
+
+
+def test_include_obfuscation_is_accepted_and_ignored():
+    def text(**options):
+        chunks = API.create(**OK, seed=3, stream=True, stream_options=options or None)
+        return [{k: v for k, v in c.items() if k not in ("id", "created")} for c in chunks]
+    plain = text()
+    assert text(include_obfuscation=True) == text(include_obfuscation=False) == plain
+    assert text(include_usage=True, include_obfuscation=True)[:-1] == \
+        [{**c, "usage": None} for c in plain]

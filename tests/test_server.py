@@ -103,6 +103,7 @@ RAW_ERRORS = [  # (method, path, body bytes, status, code)
     ("POST", "/v1/completions", b"[1, 2]", 400, "invalid_json"),
     ("POST", "/v1/completions", b'{"model": "tiny", "prompt": "x", "temperature": 9}', 400, None),
     ("POST", "/v1/completions", b'{"model": "/etc", "prompt": "x"}', 404, "model_not_found"),
+    ("POST", "/v1/completions", b'{"model": "tiny", "prompt": "x", "self": 1}', 400, None),
     ("POST", "/v1/completions", b'{"model": "tiny", "prompt": "' + b"a" * (1 << 21) + b'"}',
      413, "request_too_large"),
     ("GET", "/v1/completions", b"", 405, "method_not_allowed"),
