@@ -97,14 +97,16 @@ def render(response: dict) -> str:
 
 
 def logprobs_table(lp: dict) -> str:
-    """One line per token: offset, token, its probability, then the alternatives.
+    """A header row, then one line per token: its text offset, the token, its logprob and
+    probability, then the alternatives.
 
-      0  'ROMEO'          -0.105  90.0%  | ' the' 4.1%  ',' 2.2%
+    offset  token            logprob   prob  | alternatives
+         0  'ROMEO'           -0.105  90.0%  | ' the' 4.1%  ',' 2.2%
     """
-    lines = []
+    lines = [f"{'offset':>6}  {'token':<16} {'logprob':>7} {'prob':>6}  | alternatives"]
     tops = lp["top_logprobs"] or [None] * len(lp["tokens"])
     for off, tok, v, top in zip(lp["text_offset"], lp["tokens"], lp["token_logprobs"], tops):
-        head = f"{off:4d}  {tok!r:<16.16}"
+        head = f"{off:6d}  {tok!r:<16.16}"
         if v is None:
             lines.append(f"{head}      (first prompt token: no logprob)")
             continue

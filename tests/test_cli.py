@@ -38,7 +38,10 @@ def test_logprobs_view_shows_tokens_and_alternatives(capsys):
                        "--max-tokens", "3", "--echo")
     lines = out.splitlines()
     assert code == 0 and lines[0] == "Hi to be,"
-    assert "first prompt token" in lines[1] and "' to'" in lines[2] and "%" in lines[2]
+    assert lines[1].split() == ["offset", "token", "logprob", "prob", "|", "alternatives"]
+    assert "first prompt token" in lines[2] and "' to'" in lines[3] and "%" in lines[3]
+    assert lines[2].split()[0] == "0" and lines[3].split()[0] == "2"   # the text offsets
+    assert lines[3].index("%") == lines[1].rindex("prob") + 3   # columns aligned
 
 
 def test_trace_view(capsys):
