@@ -15,6 +15,8 @@ softmax), with no reassociation and no FMA contraction: the same bits on any CPU
 from a cold or a warm Numba cache. Vectorisation runs across independent outputs only
 (columns, positions), which is why the LM head takes the embedding matrix transposed
 and attention takes keys transposed.
+exp is ours (kernels/fmath_numba.exp1, in float64), never libm's. Each kernel's NumPy
+twin, the spec with the same operation order, is in gpt2_numpy.py: the "numpy" backend.
 Parallel loops split only over output columns / vocabulary / (row, head) pairs;
 `tasks` (the linear layers' split, normally numba.get_num_threads()) never changes a value.
 """
@@ -24,7 +26,11 @@ import math
 import numpy as np
 from numba import njit, prange
 
-GELU_C = np.float32(math.sqrt(2.0 / math.pi))
+from refcomplete.kernels.fmath import GELU_A, GELU_C
+from refcomplete.kernels.fmath_numba import exp1
+
+# error_model="numpy": IEEE division (no Python zero-division check), which lets loops
+# vectorise; no value changes.
 # No kernel allows reassociation (fastmath): with it, the machine code Numba writes to its
 # cache summed in another order than the code it JIT-compiles, so bits differed between
 # a cold and a warm cache (tests/test_kernels.py::test_cold_and_warm_cache_agree).
@@ -32,14 +38,14 @@ GELU_C = np.float32(math.sqrt(2.0 / math.pi))
 
 # ----------------------------------------------------------------------------- helpers
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _cols_per_task(N, tasks):
     """Split N output columns into `tasks` parallel tasks, in multiples of 16."""
     per = (N + tasks - 1) // tasks
     return max(16, (per + 15) // 16 * 16)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _matmul_cols(x, w, n0, n1, acc):
     """acc[:, :n1-n0] = x @ w[:, n0:n1], summing over k strictly in order k = 0, 1, ...
 
@@ -81,7 +87,7 @@ def _matmul_cols(x, w, n0, n1, acc):
                 ab[j] += xv * wk[j]
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _task(x, w, t, T):
     """Task t of a linear layer: its columns [n0, n1) and acc = x @ w[:, n0:n1]."""
     n0 = t * T
@@ -93,7 +99,7 @@ def _task(x, w, t, T):
 
 # ----------------------------------------------------------------------------- kernels
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def layer_norm(x, g, bias, eps, out):                       # [B, C] -> out [B, C]
     B, C = x.shape
     for b in range(B):                                      # serial: too little work to split
@@ -110,7 +116,7 @@ def layer_norm(x, g, bias, eps, out):                       # [B, C] -> out [B, 
             out[b, c] = (x[b, c] - mean) * inv * g[c] + bias[c]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def linear(x, w, bias, out, tasks):                                # [B, K] @ [K, N] + [N] -> out [B, N]
     B = x.shape[0]
     N = w.shape[1]
@@ -122,7 +128,7 @@ def linear(x, w, bias, out, tasks):                                # [B, K] @ [K
                 out[b, n] = acc[b, n - n0] + bias[n]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def linear_gelu(x, w, bias, out, tasks):                           # gelu_new([B, K] @ [K, N] + [N])
     B = x.shape[0]
     N = w.shape[1]
@@ -131,14 +137,13 @@ def linear_gelu(x, w, bias, out, tasks):                           # gelu_new([B
         n0, n1, acc = _task(x, w, t, T)
         for b in range(B):
             for n in range(n0, n1):
-                y = acc[b, n - n0] + bias[n]
-                u = GELU_C * (y + np.float32(0.044715) * y * y * y)
-                # tanh(u) = 1 - 2 / (exp(2u) + 1): 4x faster than numba's tanh, within 4e-7
-                th = np.float32(1.0) - np.float32(2.0) / (np.exp(np.float32(2.0) * u) + np.float32(1.0))
-                out[b, n] = np.float32(0.5) * y * (np.float32(1.0) + th)
+                y = np.float64(acc[b, n - n0] + bias[n])      # gelu_new in float64 (gpt2_numpy.gelu)
+                u = GELU_C * (y + ((GELU_A * y) * y) * y)
+                th = 1.0 - 2.0 / (exp1(2.0 * u) + 1.0)         # tanh(u), with our exp
+                out[b, n] = np.float32((0.5 * y) * (1.0 + th))
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def linear_residual(x, w, bias, resid, tasks):                     # resid [B, N] += [B, K] @ [K, N] + [N]
     B = x.shape[0]
     N = w.shape[1]
@@ -150,7 +155,7 @@ def linear_residual(x, w, bias, resid, tasks):                     # resid [B, N
                 resid[b, n] = resid[b, n] + (acc[b, n - n0] + bias[n])
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def attend(q, kt_pre, v_pre, n_pre, kt_row, v_row, rows, n_row, out):
     """Causal attention of one new query per row over the shared prompt and the row's own past.
 
@@ -185,7 +190,7 @@ def attend(q, kt_pre, v_pre, n_pre, kt_row, v_row, rows, n_row, out):
             mx = max(mx, s[t])
         total = np.float32(0.0)
         for t in range(n_pre + m):
-            s[t] = np.exp(s[t] - mx)
+            s[t] = np.float32(exp1(np.float64(s[t] - mx)))   # our exp, in float64, rounded
             total += s[t]
         o = out[b, h]
         o[:] = 0.0
@@ -199,40 +204,3 @@ def attend(q, kt_pre, v_pre, n_pre, kt_row, v_row, rows, n_row, out):
             vt = v_row[r, h, t]
             for d in range(D):
                 o[d] += p * vt[d]
-
-
-# ----------------------------------------------------------------------------- NumPy twins (the spec)
-
-def layer_norm_ref(x, g, bias, eps):
-    mean = x.mean(axis=-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + np.float32(eps)) * g + bias
-
-
-def linear_ref(x, w, bias):
-    return x @ w + bias
-
-
-def gelu_ref(y):
-    return 0.5 * y * (1 + np.tanh(GELU_C * (y + np.float32(0.044715) * y ** 3)))
-
-
-def linear_gelu_ref(x, w, bias):
-    return gelu_ref(x @ w + bias)
-
-
-def linear_residual_ref(x, w, bias, resid):
-    return resid + (x @ w + bias)
-
-
-def attend_ref(q, kt_pre, v_pre, n_pre, kt_row, v_row, rows, n_row):
-    B, H, D = q.shape
-    out = np.empty_like(q)
-    for b in range(B):
-        k = np.concatenate([kt_pre[:, :, :n_pre], kt_row[rows[b], :, :, : n_row[b]]], axis=2)  # [H, D, T]
-        v = np.concatenate([v_pre[:, :n_pre], v_row[rows[b], :, : n_row[b]]], axis=1)         # [H, T, D]
-        s = np.einsum("hd,hdt->ht", q[b], k) / np.float32(np.sqrt(D))
-        p = np.exp(s - s.max(axis=-1, keepdims=True))
-        p /= p.sum(axis=-1, keepdims=True)
-        out[b] = np.einsum("ht,htd->hd", p, v)
-    return out

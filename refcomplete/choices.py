@@ -47,4 +47,7 @@ def ranking(by_row: list[list[Piece]]) -> list[int]:
 def mean_raw_logprob(pieces: list[Piece]) -> float:
     """Mean raw logprob over a candidate's generated tokens (0.0 when it generated none)."""
     raws = [t.raw for p in pieces if p.generated for _, t in p.tokens]
-    return sum(raws) / len(raws) if raws else 0.0
+    total = 0.0
+    for v in raws:          # strictly left to right (Python >= 3.12's sum() compensates)
+        total = total + v
+    return total / len(raws) if raws else 0.0

@@ -21,6 +21,7 @@ from typing import Iterator
 import numpy as np
 
 from refcomplete import logprobs, rng, sampling, trace
+from refcomplete.kernels import fmath
 from refcomplete.logprobs import Token
 from refcomplete.stop import RowText
 
@@ -55,11 +56,12 @@ class Piece:
 
 def generate(model, prompt: list[int], plan: Plan) -> Iterator[Piece]:
     tok = model.tokenizer
+    ops = getattr(model, "ops", fmath)          # the backend's exp/log/sum: same bits, its speed
     sess = model.session(prompt, rows=plan.rows, max_new_tokens=plan.max_new_tokens)
     logits = sess.prefill(all_positions=plan.echo and plan.logprobs is not None)
     prompt_text = tok.decode(prompt)
     if plan.echo:
-        head = logprobs.prompt_tokens(tok, prompt, logits, plan.logprobs)
+        head = logprobs.prompt_tokens(tok, prompt, logits, plan.logprobs, ops)
         done = "length" if plan.max_new_tokens == 0 else None
         yield from (Piece(r, prompt_text, tuple(head), done, 0) for r in range(plan.rows))
     if plan.max_new_tokens == 0:
@@ -71,7 +73,7 @@ def generate(model, prompt: list[int], plan: Plan) -> Iterator[Piece]:
         chosen = []
         for i, r in enumerate(active):
             z = batch[min(i, len(batch) - 1)]        # step 0: all rows share the prompt's row
-            token = draw(tok, z, counts[r], plan, r, step)
+            token = draw(tok, z, counts[r], plan, r, step, ops)
             counts[r][token.id] += 1
             eos = token.id == model.eot_id
             end = eos or step + 1 == plan.max_new_tokens
@@ -85,17 +87,18 @@ def generate(model, prompt: list[int], plan: Plan) -> Iterator[Piece]:
         step += 1
 
 
-def draw(tok, logits: np.ndarray, counts: Counter, plan: Plan, row: int, step: int) -> Token:
+def draw(tok, logits: np.ndarray, counts: Counter, plan: Plan, row: int, step: int,
+         ops=fmath) -> Token:
     """Sample one token of one row and gather its logprobs and trace (SEMANTICS 1)."""
     params = plan.sampling
     z = logits.astype(np.float64)                                   # [V]
-    x, seen = sampling.run(z, sampling.State(params, counts), trace=plan.trace)
+    x, seen = sampling.run(z, sampling.State(params, counts, ops), trace=plan.trace)
     coin = None if params.greedy else rng.coin(plan.seed, row, step)
     token = sampling.greedy(x) if params.greedy else sampling.select(x, coin)
-    lp, top = logprobs.generated(z, x, token, plan.logprobs, plan.processed, params.greedy)
+    lp, top = logprobs.generated(z, x, token, plan.logprobs, plan.processed, params.greedy, ops)
     raw = None
     if plan.rank:
         raw = lp if lp is not None and not plan.processed else float(
-            sampling.log_softmax_at(z, [token])[0])
-    record = trace.record(tok, step, z, seen, coin, token, candidate=row) if plan.trace else None
+            sampling.log_softmax_at(z, [token], ops)[0])
+    record = trace.record(tok, step, z, seen, coin, token, candidate=row, ops=ops) if plan.trace else None
     return Token(token, lp, top, raw, record)

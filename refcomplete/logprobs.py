@@ -16,10 +16,12 @@ well the chosen tokens ... there may be up to logprobs+1 elements in the respons
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from refcomplete.kernels import fmath
 from refcomplete.sampling import log_softmax_at, top_k
 
 PROMPT_CHUNK = 64  # prompt positions converted to float64 at a time
@@ -38,7 +40,7 @@ class Token:
 
 
 def generated(z: np.ndarray, x: np.ndarray, token: int, k: int | None, processed: bool,
-              greedy: bool) -> tuple[float | None, tuple | None]:
+              greedy: bool, ops: ModuleType = fmath) -> tuple[float | None, tuple | None]:
     """(logprob of token, top-k) from the raw logits z, or, if processed, from the final
     pipeline value x: probabilities after top_p (removed tokens never listed), or the
     biased and penalised logits when greedy."""
@@ -47,15 +49,16 @@ def generated(z: np.ndarray, x: np.ndarray, token: int, k: int | None, processed
     if not processed or greedy:
         src = z if not processed else x
         ids = [token] + top_k(src, k)
-        lps = log_softmax_at(src, ids)
+        lps = log_softmax_at(src, ids, ops)
     else:
         ids = [token] + top_k(x, k, positive=True)
-        lps = np.log(x[ids])
+        lps = ops.log(x[ids])
     lps = [float(v) for v in lps]
     return lps[0], tuple(zip(ids[1:], lps[1:]))
 
 
-def prompt_tokens(tokenizer, prompt, logits: np.ndarray | None, k: int | None) -> list:
+def prompt_tokens(tokenizer, prompt, logits: np.ndarray | None, k: int | None,
+                  ops: ModuleType = fmath) -> list:
     """(text offset, Token) for each echoed prompt token. logits: float32 [T, V] from
     prefill(all_positions=True) (row t predicts token t+1), or None without logprobs.
     The first token has no logprob and no top entry (no BOS is ever added)."""
@@ -68,7 +71,7 @@ def prompt_tokens(tokenizer, prompt, logits: np.ndarray | None, k: int | None) -
             for j, z in enumerate(rows[: len(prompt) - 1 - lo]):
                 t = lo + j + 1
                 ids = [prompt[t]] + top_k(z, k)
-                v = [float(a) for a in log_softmax_at(z, ids)]
+                v = [float(a) for a in log_softmax_at(z, ids, ops)]
                 lps[t], tops[t] = v[0], tuple(zip(ids[1:], v[1:]))
     for t, token in enumerate(prompt):
         out.append((offset + dec.carried(token), Token(token, lps[t], tops[t])))

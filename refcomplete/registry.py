@@ -110,7 +110,7 @@ def list_models() -> list[str]:
 
 
 @functools.lru_cache(maxsize=8)
-def _load(path: str, name: str):
+def _load(path: str, name: str, backend: str):
     from refcomplete.runtime import GPT2Model
     from refcomplete.tokenizer import N_VOCAB
 
@@ -118,9 +118,13 @@ def _load(path: str, name: str):
     if checkpoint.config.n_vocab != N_VOCAB:   # the runtime pairs every model with r50k
         raise CheckpointError(f"{Path(path) / 'config.json'}: vocab_size {checkpoint.config.n_vocab} "
                               f"does not match the r50k tokenizer's {N_VOCAB} tokens")
-    return GPT2Model(checkpoint, name=name)
+    return GPT2Model(checkpoint, name=name, backend=backend)
 
 
-def load_model(name: str = DEFAULT_MODEL):
-    """Load (once per process) the model called `name`; see the module docstring for lookup."""
-    return _load(str(resolve(name).resolve()), name)
+def load_model(name: str = DEFAULT_MODEL, backend: str | None = None):
+    """Load (once per process and backend) the model called `name`; see the module
+    docstring for lookup. backend: "numba" (default where installed) or "numpy" (no
+    Numba import); both compute the same bits (SEMANTICS 11)."""
+    from refcomplete.runtime import resolve_backend
+
+    return _load(str(resolve(name).resolve()), name, resolve_backend(backend))

@@ -7,6 +7,9 @@ requests, where checkpoints live (registry.py).
 Dimensions: T = prompt length, R = rows of a session, B = rows in one step,
 L = layers, H = heads, D = head size, C = n_embd, S = per-row capacity, V = vocabulary.
 
+Backends (SEMANTICS 11): "numba" runs kernels/gpt2.py, "numpy" its strict twins in
+kernels/gpt2_numpy.py; the same operations in the same order, so the same bits.
+
 Invariance (SEMANTICS 4): the prompt is prefilled once per session, alone, so its cache
 does not depend on the rows; every token, prompt or generated, goes through kernels
 whose per-row results depend neither on the batch nor on the thread count. No BLAS call
@@ -23,21 +26,48 @@ from refcomplete.checkpoint import Checkpoint, release_pages
 from refcomplete.tokenizer import get_tokenizer
 
 
+BACKENDS = ("numba", "numpy")
+
+
+def resolve_backend(backend: str | None) -> str:
+    """"numba" (the default, compiled) or "numpy" (pure NumPy: no Numba import). Both give
+    the same bits (SEMANTICS 11). None means numba where it is installed, else numpy."""
+    if backend is None:
+        import importlib.util
+        return "numba" if importlib.util.find_spec("numba") is not None else "numpy"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "numba":
+        import importlib.util
+        if importlib.util.find_spec("numba") is None:
+            raise ImportError("backend 'numba' needs numba installed (pip install numba); "
+                              "backend 'numpy' gives the same bits without it")
+    return backend
+
+
 class GPT2Model:
     """A loaded GPT-2 checkpoint, ready to open decode sessions."""
 
-    def __init__(self, checkpoint: Checkpoint, name: str | None = None):
-        import numba
+    def __init__(self, checkpoint: Checkpoint, name: str | None = None, backend: str | None = None):
+        self.backend = resolve_backend(backend)
+        if self.backend == "numba":
+            import numba
 
-        from refcomplete.kernels import gpt2 as kernels  # imports numba: only here
-
+            from refcomplete.kernels import fmath_numba as ops
+            from refcomplete.kernels import gpt2 as kernels  # imports numba: only here
+            self._set_threads = numba.set_num_threads
+            self._threads = numba.config.NUMBA_NUM_THREADS
+        else:
+            from refcomplete.kernels import fmath as ops
+            from refcomplete.kernels import gpt2_numpy as kernels
+            self._set_threads = lambda n: None
+            self._threads = 1
         self._k = kernels
-        self._numba = numba
+        self.ops = ops                      # exp, log, sum for sampling: the same bits either way
         # Threads: the layers of narrow models run on one, their kernels being too small to
         # pay for a parallel region (which stalls for milliseconds when another process
         # holds a core); wide models' layers and every LM head (>= 6M multiply-adds) use
         # all of them. Set per call (numba's setting is per thread). Never changes a value.
-        self._threads = numba.config.NUMBA_NUM_THREADS
         self._tasks = 1 if checkpoint.config.n_embd < 512 else self._threads
         # The LM head is a linear layer over the embedding matrix transposed, [C, V] (a
         # copy; the mapped [V, C] file pages are released afterwards), so that it sums
@@ -80,7 +110,7 @@ class GPT2Model:
         (L x [H, D, P], transposed), values v_pre (L x [H, P, D]). Writes the new keys and
         values into k_row (L x [R, H, D, S]) and v_row (L x [R, H, S, D])."""
         k, cfg = self._k, self.config
-        self._numba.set_num_threads(self._tasks)
+        self._set_threads(self._tasks)
         B, C, H = x.shape[0], cfg.n_embd, cfg.n_head
         D = C // H
         h = np.empty((B, C), np.float32)
@@ -103,7 +133,7 @@ class GPT2Model:
 
     def _head(self, x: np.ndarray) -> np.ndarray:                    # [B, C] -> [B, V]
         k, p, cfg = self._k, self.params, self.config
-        self._numba.set_num_threads(self._threads)
+        self._set_threads(self._threads)
         h = np.empty_like(x)
         k.layer_norm(x, p.ln_f_weight, p.ln_f_bias, cfg.layer_norm_epsilon, h)
         out = np.empty((x.shape[0], self.n_vocab), np.float32)

@@ -2,6 +2,9 @@
 
 Knows: how next-token logits become a token (SEMANTICS 1-3). Does not know: models,
 text, stop strings, response shapes. Plain NumPy, float64; no stage mutates its input.
+Every exp, log and float sum that reaches a token or a logprob is ours (State.ops: the
+backend's kernels.fmath functions, SEMANTICS 11); cumsum (select, top_p) is a
+sequential sum by definition.
 
 The order, written once (V = n_vocab; x is float64 [V] throughout):
 
@@ -23,7 +26,7 @@ intermediate. The fast paths (`_top_p_keep`, `select`) never sort the whole voca
 together in tests/test_sampling.py.
 
     >>> st = State(SamplingParams(temperature=1.0, top_p=0.5), counts={})
-    >>> p, _ = run(np.log(np.array([0.1, 0.4, 0.3, 0.2])), st)
+    >>> p, _ = run(fmath.log(np.array([0.1, 0.4, 0.3, 0.2])), st)
     >>> p.round(3).tolist()            # mass before 0.3 is 0.4 < 0.5: kept; before 0.2: 0.7
     [0.0, 0.571, 0.429, 0.0]
     >>> select(p, 0.5)                 # cumulative 0.571 > 0.5 * 1.0 at token 1
@@ -33,9 +36,12 @@ together in tests/test_sampling.py.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Callable, Mapping
 
 import numpy as np
+
+from refcomplete.kernels import fmath
 
 
 @dataclass(frozen=True)
@@ -55,10 +61,13 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class State:
-    """What a stage may read: the parameters and this candidate's generated-token counts."""
+    """What a stage may read: the parameters, this candidate's generated-token counts, and
+    the backend's elementwise math `ops` (kernels.fmath, or its compiled twin
+    kernels.fmath_numba: the same bits, so it changes only the speed)."""
 
     params: SamplingParams
     counts: Mapping[int, int] = field(default_factory=dict)
+    ops: ModuleType = fmath
 
 
 # -- the stages ---------------------------------------------------------------------------
@@ -92,18 +101,16 @@ def temperature(z: np.ndarray, st: State) -> np.ndarray:
 
 
 def softmax(z: np.ndarray, st: State | None = None) -> np.ndarray:
-    """p = exp(z - max z) / sum(exp(z - max z)), float64."""
-    e = z - z.max()                 # one fresh array, then in place: fewer page faults
-    np.exp(e, out=e)
-    e /= e.sum()
-    return e
+    """p = exp(z - max z) / sum(exp(z - max z)), float64, with our exp and our sum
+    (kernels/fmath.py: eight interleaved lanes, a fixed tree)."""
+    return (fmath if st is None else st.ops).softmax(z)
 
 
 def top_p(p: np.ndarray, st: State) -> np.ndarray:
     """Nucleus filter (SEMANTICS 2); top_p >= 1 keeps every token and is the identity."""
     if st.params.top_p >= 1:
         return p
-    return _renormalise(p, _top_p_keep(p, st.params.top_p))
+    return _renormalise(p, _top_p_keep(p, st.params.top_p), st.ops)
 
 
 STAGES: tuple[tuple[str, Callable], ...] = (
@@ -225,9 +232,11 @@ def _top_p_keep(p: np.ndarray, top_p: float) -> np.ndarray:
     raise AssertionError("unreachable")
 
 
-def _renormalise(p: np.ndarray, kept: np.ndarray) -> np.ndarray:
+def _renormalise(p: np.ndarray, kept: np.ndarray, ops: ModuleType = fmath) -> np.ndarray:
+    """p[kept] / sum(p[kept]) (kept ascending: the sum's lanes run in id order), 0 elsewhere."""
     out = np.zeros_like(p)
-    out[kept] = p[kept] / p[kept].sum()
+    pk = p[kept]
+    out[kept] = pk / ops.sum(pk)
     return out
 
 
@@ -245,12 +254,10 @@ def top_p_reference(p: np.ndarray, top_p: float) -> np.ndarray:
 
 # -- log-probabilities and top-k (used by logprobs.py and trace.py) -----------------------
 
-def log_softmax_at(z: np.ndarray, ids) -> np.ndarray:
-    """log_softmax(z)[ids] = (z - max z) - log(sum(exp(z - max z))), float64."""
-    m = z.max()
-    e = z - m
-    np.exp(e, out=e)
-    return (z[ids] - m) - np.log(e.sum())
+def log_softmax_at(z: np.ndarray, ids, ops: ModuleType = fmath) -> np.ndarray:
+    """log_softmax(z)[ids] = (z[ids] - max z) - log(sum(exp(z - max z))), float64, with our
+    exp, log and sum (kernels/fmath.py)."""
+    return ops.log_softmax_at(z, ids)
 
 
 def top_k(x: np.ndarray, k: int, positive: bool = False) -> list[int]:

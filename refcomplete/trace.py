@@ -36,18 +36,22 @@ Each choice gets `"trace": [step, ...]`, one dict per generated token:
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import numpy as np
 
-from refcomplete.sampling import softmax, top_k
+from refcomplete.kernels import fmath
+from refcomplete.sampling import top_k
 
 TOP = 5
 
 
 def record(tokenizer, step: int, z: np.ndarray, seen: list, coin: float | None,
-           token: int, candidate: int | None = None) -> dict:
-    """One step's trace: z the raw float64 logits, seen [(stage, x after it)]."""
-    stages = [("raw", softmax(z))]
-    stages += [(name, x if name == "top_p" else softmax(x)) for name, x in seen
+           token: int, candidate: int | None = None, ops: ModuleType = fmath) -> dict:
+    """One step's trace: z the raw float64 logits, seen [(stage, x after it)]; ops the
+    backend's exp and sum (kernels.fmath or its compiled twin: the same bits)."""
+    stages = [("raw", ops.softmax(z))]
+    stages += [(name, x if name == "top_p" else ops.softmax(x)) for name, x in seen
                if name != "softmax"]       # softmax shows the same as "temperature"
     rows = []
     for name, p in stages:
@@ -58,7 +62,7 @@ def record(tokenizer, step: int, z: np.ndarray, seen: list, coin: float | None,
             before = dict(seen)["softmax"]
             kept = p > 0
             row["kept"] = int(np.count_nonzero(kept))
-            row["mass"] = float(before[kept].sum())
+            row["mass"] = float(ops.sum(before[kept]))
         rows.append(row)
     out = {"step": step}
     if candidate is not None:

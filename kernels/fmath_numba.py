@@ -1,0 +1,212 @@
+"""The Numba twins of kernels/fmath.py: the same exp, log and sum, bit for bit, compiled.
+
+Knows: how to compute fmath's functions fast (scalar helpers that other kernels inline,
+array kernels for the sampling path). Does not know: the algorithms' design; they are
+specified, with their constants, in kernels/fmath.py, and every step here is the same
+basic operation in the same order (no fastmath: no FMA contraction, no reassociation).
+Powers of two and log's exponent and mantissa come from bit casts (an LLVM `bitcast`,
+as NumPy's `.view`). tests/test_fmath.py pins each
+function here to its NumPy spec with np.array_equal.
+
+Dimensions: V = length of a 1-D array.
+"""
+
+import struct
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+from refcomplete.kernels.fmath import (EXP_OVERFLOW, EXP_UNDERFLOW, INV_LN2, LG1, LG2, LG3, LG4,
+                                       LG5, LG6, LG7, LN2_HI, LN2_LO, MIN_NORMAL, P1, P2, P3, P4,
+                                       P5, TWO54)
+MAGIC_POW2 = 1023.0 + 2.0 ** 52
+
+
+def f64_from_bits(bits):
+    """The float64 whose IEEE-754 bit pattern is the int64 `bits` (a bit cast, no arithmetic)."""
+    return struct.unpack("<d", struct.pack("<Q", int(bits) & 0xFFFFFFFFFFFFFFFF))[0]
+
+
+def bits_from_f64(x):
+    """The int64 bit pattern of the float64 x."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+# Compiled, both are one LLVM `bitcast`; the Python bodies above serve NUMBA_DISABLE_JIT=1.
+@intrinsic
+def _f64_from_bits(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+    return types.float64(types.int64), codegen
+
+
+@intrinsic
+def _bits_from_f64(typingctx, x):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+    return types.int64(types.float64), codegen
+
+
+@overload(f64_from_bits)
+def _ol_f64_from_bits(bits):
+    return lambda bits: _f64_from_bits(bits)
+
+
+@overload(bits_from_f64)
+def _ol_bits_from_f64(x):
+    return lambda x: _bits_from_f64(x)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def pow2(j):
+    """2^j for an integer-valued float64 j in [-1022, 1023], from its exponent bits.
+
+    j + (1023 + 2^52) is exact and holds j + 1023 in its low mantissa bits, which the
+    shift moves into the exponent field (no float-to-integer conversion, which AVX2 lacks
+    for vectors of int64)."""
+    return f64_from_bits(bits_from_f64(j + MAGIC_POW2) << 52)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def exp1(x):
+    """float64 exp of one float64 (fmath.exp). Written with selects, not early returns,
+    so that loops over it vectorise; the out-of-range lanes compute exp(0) and are replaced."""
+    ok = (x <= EXP_OVERFLOW) and (x >= EXP_UNDERFLOW)
+    xs = x if ok else 0.0
+    k = np.floor(xs * INV_LN2 + 0.5)
+    hi = xs - k * LN2_HI
+    lo = k * LN2_LO
+    r = hi - lo
+    t = r * r
+    c = r - t * (P1 + t * (P2 + t * (P3 + t * (P4 + t * P5))))
+    y = 1.0 - ((lo - (r * c) / (2.0 - c)) - hi)
+    h = np.floor(k * 0.5)
+    y = (y * pow2(k - h)) * pow2(h)
+    y = y if ok else (np.inf if x > EXP_OVERFLOW else 0.0)
+    return x if x != x else y
+
+
+@njit(cache=True, error_model="numpy")
+def exp_into(x, out):
+    """out[i] = exp(x[i]) (float64 [V])."""
+    for i in range(x.shape[0]):
+        out[i] = exp1(x[i])
+
+
+@njit(cache=True, error_model="numpy")
+def log_into(x, out):
+    """out[i] = log(x[i]) (float64 [V]); the exponent and mantissa come from x's bits."""
+    n = x.shape[0]
+    xs = np.empty(n, np.float64)
+    for i in range(n):
+        v = x[i]
+        xs[i] = v * TWO54 if (v > 0.0 and v < MIN_NORMAL) else (v if (v > 0.0 and v < np.inf) else 1.0)
+    bits = xs.view(np.int64)
+    mb = np.empty(n, np.int64)
+    ks = np.empty(n, np.float64)
+    for i in range(n):
+        hx = bits[i] >> 32
+        frac = hx & 0x000FFFFF
+        j = (frac + 0x95F64) & 0x100000
+        mb[i] = ((frac | (j ^ 0x3FF00000)) << 32) | (bits[i] & 0xFFFFFFFF)
+        k0 = -54 if (x[i] > 0.0 and x[i] < MIN_NORMAL) else 0
+        ks[i] = np.float64(k0 + (hx >> 20) - 1023 + (j >> 20))
+    m = mb.view(np.float64)
+    for i in range(n):
+        v = x[i]
+        if v > 0.0 and v < np.inf:
+            k = ks[i]
+            f = m[i] - 1.0
+            s = f / (2.0 + f)
+            z = s * s
+            w = z * z
+            t1 = w * (LG2 + w * (LG4 + w * LG6))
+            t2 = z * (LG1 + w * (LG3 + w * (LG5 + w * LG7)))
+            R = t2 + t1
+            hfsq = (0.5 * f) * f
+            out[i] = k * LN2_HI - ((hfsq - (s * (hfsq + R) + k * LN2_LO)) - f)
+        elif v == 0.0:
+            out[i] = -np.inf
+        elif v == np.inf:
+            out[i] = np.inf
+        else:
+            out[i] = np.nan
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _tree(a):
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+
+
+@njit(cache=True, error_model="numpy")
+def sum8(x):
+    """fmath.sum: eight interleaved lanes, each strictly in order, combined in a fixed tree."""
+    n = x.shape[0]
+    a = np.zeros(8, np.float64)
+    n8 = n - n % 8
+    for i in range(0, n8, 8):
+        for j in range(8):
+            a[j] += x[i + j]
+    for j in range(n - n8):
+        a[j] += x[n8 + j]
+    return _tree(a)
+
+
+@njit(cache=True, error_model="numpy")
+def exp_shifted_into(z, m, out):
+    """out[i] = exp(z[i] - m) (float64 [V])."""
+    for i in range(z.shape[0]):
+        out[i] = exp1(z[i] - m)
+
+
+@njit(cache=True, error_model="numpy")
+def softmax_into(z, m, out):
+    """out = exp(z - m) / sum(exp(z - m)) with m = max z given (fmath.softmax)."""
+    exp_shifted_into(z, m, out)
+    s = sum8(out)
+    for i in range(z.shape[0]):
+        out[i] = out[i] / s
+
+
+@njit(cache=True, error_model="numpy")
+def sum_exp(z, m):
+    """sum(exp(z - m)) in fmath.sum's order."""
+    e = np.empty_like(z)
+    exp_shifted_into(z, m, e)
+    return sum8(e)
+
+
+# -- the same interface as kernels/fmath.py (NumPy arrays in, NumPy arrays out) ----------
+
+def exp(x):
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    out = np.empty_like(x)
+    exp_into(x.ravel(), out.ravel())
+    return out
+
+
+def log(x):
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    out = np.empty_like(x)
+    log_into(x.ravel(), out.ravel())
+    return out
+
+
+def sum(x):  # noqa: A001 - fmath's sum
+    return float(sum8(np.ascontiguousarray(x, dtype=np.float64).ravel()))
+
+
+def softmax(z):
+    z = np.ascontiguousarray(z, dtype=np.float64)
+    out = np.empty_like(z)
+    softmax_into(z, np.max(z), out)
+    return out
+
+
+def log_softmax_at(z, ids):
+    z = np.ascontiguousarray(z, dtype=np.float64)
+    m = np.max(z)
+    s = sum_exp(z, m)
+    return (z[ids] - m) - log(np.array([s]))[0]
