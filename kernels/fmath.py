@@ -46,7 +46,7 @@ sum(x) (float64, any length n):
 Dimensions: V = any length of a 1-D array.
 
     >>> float(exp(np.array([1.0]))[0]), float(log(np.array([10.0]))[0])
-    (2.718281828459045, 2.302585092994046)
+    (2.7182818284590455, 2.302585092994046)
 """
 
 from __future__ import annotations

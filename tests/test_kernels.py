@@ -1,4 +1,5 @@
-"""Each Numba kernel against its NumPy twin; batch invariance of every kernel.
+"""Each Numba kernel against its NumPy twin, bit for bit (np.array_equal, never allclose);
+batch invariance of every kernel; the twins against the BLAS reference math.
 
 Also run with NUMBA_DISABLE_JIT=1 (test_kernels_without_jit), so the interpreted
 Python of the kernels is pinned to the twins too.
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from refcomplete.kernels import gpt2 as k
+from refcomplete.kernels import gpt2_numpy as twin
 
 RNG = np.random.default_rng(0)
 
@@ -20,43 +22,87 @@ def rand(*shape, scale=1.0):
     return (RNG.standard_normal(shape) * scale).astype(np.float32)
 
 
-SHAPES = [(1, 16, 24), (3, 64, 300), (5, 40, 257)]  # (B, K, N): N not a multiple of the task size
+SHAPES = [(1, 16, 24), (3, 64, 300), (5, 40, 257), (2, 128, 33)]  # (B, K, N): N not a multiple of the task size
 
 
 @pytest.mark.parametrize("B,K,N", SHAPES)
-def test_linear_family_matches_twins(B, K, N):
+def test_linear_family_equals_twins_bitwise(B, K, N):
     x, w, b, resid = rand(B, K), rand(K, N, scale=0.2), rand(N), rand(B, N)
+    for kern, tw in ((k.linear, twin.linear), (k.linear_gelu, twin.linear_gelu)):
+        out, ref = np.empty((B, N), np.float32), np.empty((B, N), np.float32)
+        kern(x, w, b, out, 2)
+        tw(x, w, b, ref, 2)
+        assert np.array_equal(out, ref), kern
+    r1, r2 = resid.copy(), resid.copy()
+    k.linear_residual(x, w, b, r1, 3)
+    twin.linear_residual(x, w, b, r2, 3)
+    assert np.array_equal(r1, r2)
+    # and the twins are the math: the BLAS forward within float32 rounding
     out = np.empty((B, N), np.float32)
-    k.linear(x, w, b, out, 2)
-    np.testing.assert_allclose(out, k.linear_ref(x, w, b), rtol=1e-5, atol=1e-5)
-    k.linear_gelu(x, w, b, out, 3)
-    np.testing.assert_allclose(out, k.linear_gelu_ref(x, w, b), rtol=1e-5, atol=1e-5)
-    expect = k.linear_residual_ref(x, w, b, resid)
-    k.linear_residual(x, w, b, resid, 2)
-    np.testing.assert_allclose(resid, expect, rtol=1e-5, atol=1e-5)
+    twin.linear_gelu(x, w, b, out)
+    y = x.astype(np.float64) @ w + b
+    gelu = 0.5 * y * (1 + np.tanh(np.sqrt(2 / np.pi) * (y + 0.044715 * y ** 3)))
+    np.testing.assert_allclose(out, gelu, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("B,C", [(1, 8), (4, 64), (2, 37)])
-def test_layer_norm(B, C):
+def test_gelu_at_its_extremes():
+    """Huge |y| overflows exp(2u) to inf (tanh 1) or underflows it to 0 (tanh -1): no NaN."""
+    x = np.array([[1.0]], np.float32)
+    for v in (-1e30, -30.0, -1e-30, 0.0, 1e-30, 30.0, 1e30):
+        out, ref = np.empty((1, 1), np.float32), np.empty((1, 1), np.float32)
+        w = np.array([[v]], np.float32)
+        k.linear_gelu(x, w, np.zeros(1, np.float32), out, 1)
+        twin.linear_gelu(x, w, np.zeros(1, np.float32), ref)
+        assert np.array_equal(out, ref) and np.isfinite(out).all()
+    assert out[0, 0] == np.float32(1e30)
+
+
+@pytest.mark.parametrize("B,C", [(1, 8), (4, 64), (2, 37), (3, 768)])
+def test_layer_norm_equals_twin_bitwise(B, C):
     x, g, b = rand(B, C, scale=3), rand(C), rand(C)
-    out = np.empty_like(x)
+    out, ref = np.empty_like(x), np.empty_like(x)
     k.layer_norm(x, g, b, 1e-5, out)
-    np.testing.assert_allclose(out, k.layer_norm_ref(x, g, b, 1e-5), rtol=1e-4, atol=1e-5)
+    twin.layer_norm(x, g, b, 1e-5, ref)
+    assert np.array_equal(out, ref)
+    m = x.astype(np.float64).mean(-1, keepdims=True)
+    v = ((x - m) ** 2).mean(-1, keepdims=True)
+    np.testing.assert_allclose(out, (x - m) / np.sqrt(v + 1e-5) * g + b, rtol=1e-4, atol=1e-5)
 
 
 def attention_case(B=3, H=2, D=16, P=5, R=4, S=6):
     q, k_pre, v_pre = rand(B, H, D), rand(H, D, P), rand(H, P, D)      # keys transposed
     k_row, v_row = rand(R, H, D, S), rand(R, H, S, D)
+    k_row[:, :, :, -1] = np.nan                  # an unfilled slot: must never be read
     rows = np.array([2, 0, 3][:B], np.int64)
-    n_row = np.array([1, 4, 6][:B], np.int64)
+    n_row = np.array([1, 4, S - 1][:B], np.int64)
     return q, k_pre, v_pre, P, k_row, v_row, rows, n_row
 
 
-def test_attend_matches_twin():
-    args = attention_case()
-    out = np.empty_like(args[0])
+def attend_math(q, kt_pre, v_pre, n_pre, kt_row, v_row, rows, n_row):
+    """Attention as plain float64 math (einsum, np.exp): what the kernels approximate."""
+    B, H, D = q.shape
+    out = np.empty(q.shape)
+    for b in range(B):
+        kk = np.concatenate([kt_pre[:, :, :n_pre], kt_row[rows[b], :, :, : n_row[b]]], axis=2)
+        vv = np.concatenate([v_pre[:, :n_pre], v_row[rows[b], :, : n_row[b]]], axis=1)
+        s = np.einsum("hd,hdt->ht", q[b].astype(np.float64), kk) / np.sqrt(D)
+        p = np.exp(s - s.max(axis=-1, keepdims=True))
+        out[b] = np.einsum("ht,htd->hd", p / p.sum(-1, keepdims=True), vv)
+    return out
+
+
+@pytest.mark.parametrize("shape", [{}, dict(B=3, H=4, D=64, P=300, R=4, S=40), dict(B=40, P=0, S=45)])
+def test_attend_equals_twin_bitwise(shape):
+    args = attention_case(**shape)
+    if shape.get("B") == 40:                                     # a prefill: 40 rows, 40 lengths
+        q, k_pre, v_pre, P, k_row, v_row, _, _ = args
+        args = (rand(40, 2, 16), k_pre, v_pre, 0, k_row, v_row, np.zeros(40, np.int64),
+                np.arange(1, 41, dtype=np.int64) + 4)          # the NaN slot 44 stays unread
+    out, ref = np.empty_like(args[0]), np.empty_like(args[0])
     k.attend(*args, out)
-    np.testing.assert_allclose(out, k.attend_ref(*args), rtol=1e-5, atol=1e-6)
+    twin.attend(*args, ref)
+    assert np.array_equal(out, ref)
+    np.testing.assert_allclose(out, attend_math(*args), rtol=1e-5, atol=1e-6)
 
 
 def test_kernels_are_batch_invariant():
