@@ -9,4 +9,4 @@ request and seed; it enters `system_fingerprint`.
 """
 
 __version__ = "0.1.0"
-CONTRACT_VERSION = "1"
+CONTRACT_VERSION = "2"   # 2: our own exp, log and sums (SEMANTICS 11); bits no longer depend on the CPU
