@@ -13,17 +13,20 @@ answer every request with the same code:
     serve(["gpt2-tiny-shakespeare"], port=8000)                  # uvicorn on 127.0.0.1
 
 Routes: POST /v1/completions (JSON, or SSE with stream=true: `data: {json}\\n\\n` per
-chunk, then `data: [DONE]\\n\\n`), GET /v1/models, GET /v1/models/{id}. Errors are
-OpenAI bodies `{"error": {"message", "type", "param", "code"}}`: 400 (bad request,
-malformed JSON: never 422; a request over the Limits), 401 (missing or wrong
-`Authorization: Bearer KEY` when the server has a key), 404 (unknown route or model),
-405, 408 (body not received in time), 413 (body over the limit), 500 `server_error` (a
-fault of ours: logged, never detailed to the client).
+chunk, then `data: [DONE]\\n\\n`), GET /v1/models, GET /v1/models/{id}; and vLLM's
+tokenizer routes POST /tokenize, POST /detokenize, GET /tokenizer_info (tokenization.py;
+lm-eval's remote tokenizer). Errors are OpenAI bodies `{"error": {"message", "type",
+"param", "code"}}`: 400 (bad request, malformed JSON: never 422; a request over the
+Limits), 401 (missing or wrong `Authorization: Bearer KEY` when the server has a key),
+404 (unknown route or model), 405, 408 (body not received in time), 413 (body over the
+limit), 421 (a Host header not allowed: guards.py), 500 `server_error` (a fault of ours:
+logged, never detailed to the client).
 Only the models named at start are served: a request's `model` is a key into that
 mapping, never a path, so no request makes the server open a file. Generation runs
 in worker threads, one model call at a time (a lock: two CPU cores gain nothing from
 overlapping forwards); a stream advances one chunk per thread hop, so a client that
-disconnects stops its generation at the next chunk.
+disconnects stops its generation at the next chunk; a non-streamed request checks before
+each forward that its client is still there.
 """
 
 from __future__ import annotations
@@ -37,14 +40,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
+from refcomplete import tokenization
 from refcomplete.completions import Completions
 from refcomplete.errors import CompletionError
+from refcomplete.guards import ClientGone, HostPolicy, Watched, h11_protocol
 from refcomplete.params import DEFAULT_LIMITS, Limits
 
 MAX_BODY = 1 << 20   # bytes; OpenAI's own limits are larger, our prompts are short
 BODY_TIMEOUT = 30.0  # seconds to receive a whole request body (then 408)
 SHUTDOWN_TIMEOUT = 10  # seconds a stop waits for requests in flight (a stalled reader...)
-ROUTES = {"/v1/completions": ("POST",), "/v1/models": ("GET",)}
+ROUTES = {"/v1/completions": ("POST",), "/v1/models": ("GET",),
+          "/tokenize": ("POST",), "/detokenize": ("POST",), "/tokenizer_info": ("GET",)}
 SERVER_ERROR = "The server had an error while processing your request."
 log = logging.getLogger("refcomplete.server")
 
@@ -64,6 +70,12 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return HTTPResponse(status, {"content-type": "application/json", **(headers or {})},
                         json.dumps(body).encode())
+
+
+def too_large(max_body: int) -> HTTPResponse:
+    """413: a body (or a declared Content-Length) over the limit."""
+    return error_response(413, f"Request body too large: the limit is {max_body} bytes.",
+                          code="request_too_large")
 
 
 def _json(status: int, obj) -> HTTPResponse:
@@ -86,39 +98,52 @@ class Endpoint:
     models: name -> loaded model (refcomplete.lm.LanguageModel). api_key: required bearer
     token, or None for an open server. max_body: the largest request body, in bytes (413).
     limits: the library's bounds on one request (params.Limits: prompts, prompt length,
-    total work; each breach a 400).
+    total work; each breach a 400). hosts: the Host headers answered (guards.HostPolicy;
+    None: any, as for the in-process client, which has no network to be reached over).
     """
 
     def __init__(self, models: Mapping, api_key: str | None = None, max_body: int = MAX_BODY,
-                 limits: Limits = DEFAULT_LIMITS):
+                 limits: Limits = DEFAULT_LIMITS, hosts: HostPolicy | None = None):
         self.models = dict(models)
         self.api = Completions(self.models, limits=limits)
         self.limits = limits
         self.api_key = api_key
         self.max_body = max_body
+        self.hosts = hosts
         self.lock = threading.Lock()
         self.created = int(time.time())
 
     def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes,
-               oversized: bool = False) -> HTTPResponse:
+               oversized: bool = False, gone=None) -> HTTPResponse:
         """Answer one request. headers: lower-case names. Blocking: call it off the event loop.
 
         With stream=true the returned HTTPResponse holds a lazy SSE iterator; validation
         errors still come back as plain error responses, before any byte is streamed.
-        Never raises: a fault of ours is logged here and answered 500 `server_error`,
-        saying nothing of its cause (no path, no header, no key reaches the client).
+        gone: an Event-like object (`is_set()`) that the transport sets when the client has
+        left; a non-streamed completion checks it before every forward and stops (answered
+        499, which nobody receives). Never raises: a fault of ours is logged here and
+        answered 500 `server_error`, saying nothing of its cause (no path, no header, no
+        key reaches the client).
         """
         try:
-            return self._handle(method, path, headers, body, oversized)
+            return self._handle(method, path, headers, body, oversized, gone)
         except Exception:
             log.exception("unexpected error answering %s %s", method, _clip(path))
             return error_response(500, SERVER_ERROR, "server_error")
 
     def gate(self, method: str, path: str, headers: Mapping[str, str]) -> HTTPResponse | None:
-        """The checks that need no body: route (404), method (405), key (401); None: pass.
+        """The checks that need no body: Host (421), route (404), method (405), key (401);
+        None: pass.
 
         The transport calls it before reading a body, so an unauthenticated client cannot
-        make the server buffer one."""
+        make the server buffer one. The Host comes first: a page that rebinds its domain
+        name to this server learns nothing, whatever the key."""
+        host = headers.get("host")
+        if self.hosts is not None and not self.hosts.allows(host):
+            return error_response(421, f"This server does not answer to the host "
+                                  f"{_clip(host, 100)!r}. Its operator can allow it with "
+                                  "`refcomplete serve --allowed-host NAME`.",
+                                  code="host_not_allowed")
         route = self._route(path)
         if route is None:
             return error_response(404, f"Invalid URL ({_clip(method)} {_clip(path)})",
@@ -135,16 +160,18 @@ class Endpoint:
         path = path.rstrip("/") or "/"
         return path if path in ROUTES else "/v1/models" if path.startswith("/v1/models/") else None
 
-    def _handle(self, method, path, headers, body, oversized) -> HTTPResponse:
+    def _handle(self, method, path, headers, body, oversized, gone) -> HTTPResponse:
         denied = self.gate(method, path, headers)
         if denied is not None:
             return denied
         path = path.rstrip("/") or "/"
-        if self._route(path) == "/v1/models":
+        route = self._route(path)
+        if route == "/v1/models":
             return self._models(path[len("/v1/models/"):] if path != "/v1/models" else None)
+        if route == "/tokenizer_info":
+            return _json(200, tokenization.tokenizer_info(self.models))
         if oversized or len(body) > self.max_body:
-            return error_response(413, f"Request body too large: the limit is {self.max_body} "
-                                  "bytes.", code="request_too_large")
+            return too_large(self.max_body)
         try:
             request = json.loads(body, parse_constant=_no_constant)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -155,7 +182,13 @@ class Endpoint:
                                   "(It is nested too deeply.)", code="invalid_json")
         if not isinstance(request, dict):
             return error_response(400, "The request body must be a JSON object.", code="invalid_json")
-        return self._complete(request)
+        if route == "/v1/completions":
+            return self._complete(request, gone)
+        job = tokenization.tokenize if route == "/tokenize" else tokenization.detokenize
+        try:
+            return _json(200, job(self.models, request, self.limits))
+        except CompletionError as exc:
+            return HTTPResponse(exc.status, body=json.dumps(exc.to_dict()).encode())
 
     def _auth(self, headers: Mapping[str, str]) -> HTTPResponse | None:
         if self.api_key is None:
@@ -181,12 +214,19 @@ class Endpoint:
                                   "access to it.", param="model", code="model_not_found")
         return _json(200, card(name))
 
-    def _complete(self, request: dict) -> HTTPResponse:
+    def _complete(self, request: dict, gone=None) -> HTTPResponse:
+        api = self.api
+        if gone is not None and not request.get("stream"):
+            api = Completions({n: Watched(m, gone) for n, m in self.models.items()},
+                              limits=self.limits)
         try:
             with self.lock:
-                result = self.api.create(**request)
+                result = api.create(**request)
         except CompletionError as exc:
             return HTTPResponse(exc.status, body=json.dumps(exc.to_dict()).encode())
+        except ClientGone:
+            return error_response(499, "The client closed the connection before the "
+                                  "completion was ready.", code="client_closed_request")
         if not request.get("stream"):
             return _json(200, result)
         return HTTPResponse(200, {"content-type": "text/event-stream", "cache-control": "no-cache"},
@@ -222,7 +262,9 @@ def create_app(endpoint: Endpoint, body_timeout: float = BODY_TIMEOUT):
     the limit is refused unread (413); one not received within `body_timeout` seconds is a
     408; `Endpoint.handle` runs in a worker thread. A client that disconnects while
     sending its body gets nothing; one that disconnects mid-stream closes the stream, which
-    ends its generation (at most one chunk later).
+    ends its generation (at most one chunk later); one that disconnects while its
+    non-streamed request is computed sets the `gone` event that the generation checks
+    before each forward (the same watcher as for streams).
     """
     import anyio
 
@@ -257,8 +299,7 @@ def create_app(endpoint: Endpoint, body_timeout: float = BODY_TIMEOUT):
                                           f"{body_timeout:g} seconds.", code="request_timeout",
                                           headers={"connection": "close"})
             if resp is None:
-                resp = await anyio.to_thread.run_sync(endpoint.handle, method, path, headers,
-                                                      body, oversized)
+                resp = await answer(method, path, headers, body, oversized, receive)
         raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers.items()]
         if resp.stream is None:
             raw.append((b"content-length", str(len(resp.body)).encode()))
@@ -267,6 +308,20 @@ def create_app(endpoint: Endpoint, body_timeout: float = BODY_TIMEOUT):
             return
         await send({"type": "http.response.start", "status": resp.status, "headers": raw})
         await stream(resp.stream, receive, send)
+
+    async def answer(method, path, headers, body, oversized, receive) -> HTTPResponse:
+        # Endpoint.handle in a worker thread, while a watcher waits for the client to leave.
+        gone = threading.Event()
+        async with anyio.create_task_group() as tg:
+            async def watch():
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                gone.set()
+            tg.start_soon(watch)
+            resp = await anyio.to_thread.run_sync(endpoint.handle, method, path, headers,
+                                                  body, oversized, gone)
+            tg.cancel_scope.cancel()
+        return resp
 
     async def stream(frames: Iterator[bytes], receive, send) -> None:
         # One thread hop per frame, while a watcher waits for the client to leave; either
@@ -307,27 +362,32 @@ class _Disconnected(Exception):
 
 
 def load_endpoint(models: list[str], api_key: str | None = None, max_body: int = MAX_BODY,
-                  limits: Limits = DEFAULT_LIMITS) -> Endpoint:
+                  limits: Limits = DEFAULT_LIMITS, hosts: HostPolicy | None = None) -> Endpoint:
     """Load each model once (through the registry). A spec is `NAME` (served as NAME) or
     `NAME=WHERE` (the model at WHERE, a registry name or directory, served as NAME)."""
     from refcomplete.registry import load_model
 
     pairs = [spec.split("=", 1) if "=" in spec else (spec, spec) for spec in models]
     return Endpoint({name: load_model(where) for name, where in pairs}, api_key=api_key,
-                    max_body=max_body, limits=limits)
+                    max_body=max_body, limits=limits, hosts=hosts)
 
 
 def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, log_level: str = "info", max_body: int = MAX_BODY,
           limits: Limits = DEFAULT_LIMITS, body_timeout: float = BODY_TIMEOUT,
-          shutdown_timeout: int = SHUTDOWN_TIMEOUT) -> None:
+          shutdown_timeout: int = SHUTDOWN_TIMEOUT, allowed_hosts: tuple[str, ...] = ()) -> None:
     """Load the models, then run uvicorn until interrupted (SIGINT, SIGTERM: requests in
-    flight get `shutdown_timeout` seconds to finish, then are cut)."""
+    flight get `shutdown_timeout` seconds to finish, then are cut). Only the Hosts of
+    `guards.HostPolicy.for_server(host, allowed_hosts)` are answered. uvicorn runs its h11
+    protocol (guards.h11_protocol: an over-long Content-Length is our 413)."""
     import uvicorn
 
-    app = create_app(load_endpoint(models, api_key, max_body, limits), body_timeout)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
-                timeout_graceful_shutdown=shutdown_timeout)
+    endpoint = load_endpoint(models, api_key, max_body, limits,
+                             HostPolicy.for_server(host, allowed_hosts))
+    big = too_large(max_body)
+    uvicorn.run(create_app(endpoint, body_timeout), host=host, port=port, log_level=log_level,
+                access_log=False, timeout_graceful_shutdown=shutdown_timeout,
+                http=h11_protocol(big.status, big.headers, big.body))
 
 
 def _positive(kind):
@@ -359,6 +419,10 @@ def add_subcommand(subparsers) -> None:
                    help="the address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every request")
+    p.add_argument("--allowed-host", action="append", default=[], dest="allowed_hosts",
+                   metavar="NAME", help="also answer requests whose Host is NAME (repeatable; "
+                   "'*': any). Always answered: localhost, loopback addresses, the --host "
+                   "address; any other Host is a 421")
     p.add_argument("--log-level", default="info")
     p.add_argument("--max-body", type=_positive(int), default=MAX_BODY, metavar="BYTES",
                    help=f"the largest request body; larger is a 413 (default {MAX_BODY})")
@@ -384,7 +448,8 @@ def _run(args) -> int:
               "this address can use the server", file=sys.stderr)
     try:
         serve(args.models or [DEFAULT_MODEL], args.host, args.port, args.api_key,
-              args.log_level, args.max_body, limits, args.body_timeout, args.shutdown_timeout)
+              args.log_level, args.max_body, limits, args.body_timeout, args.shutdown_timeout,
+              tuple(args.allowed_hosts))
     except ModelNotFound as exc:
         print(f"error: {exc}")
         return 2

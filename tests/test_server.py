@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import threading
 import time
 
@@ -139,7 +140,10 @@ def test_binds_loopback_by_default():
     assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
 
 
-def test_client_disconnect_stops_generation():
+@contextlib.contextmanager
+def slow_server():
+    """An in-process uvicorn serving a fake model that takes 10 ms per forward and never
+    stops by itself; yields (port, steps: one entry per forward, endpoint)."""
     steps = []
 
     def slow(prompt, generated):
@@ -161,16 +165,62 @@ def test_client_disconnect_stops_generation():
         while not srv.started:
             assert time.monotonic() < deadline, "uvicorn did not start"
             time.sleep(0.05)
+        yield port, steps, endpoint
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+def _stops_after_client_left(steps) -> None:
+    time.sleep(1.0)
+    n = len(steps)
+    time.sleep(1.0)
+    assert len(steps) == n < 1000, "generation went on after the client left"
+
+
+def test_client_disconnect_stops_generation():
+    with slow_server() as (port, steps, _):
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", timeout=30,
                           json={"model": "slow", "prompt": "Hi", "max_tokens": 4000,
                                 "stream": True}) as r:
             it = r.iter_lines()
             got = [line for line, _ in zip(it, range(6))]
             assert got[0].startswith("data: ")
-        time.sleep(1.0)
-        n = len(steps)
-        time.sleep(1.0)
-        assert len(steps) == n < 1000, "generation went on after the client left"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
+        _stops_after_client_left(steps)
+
+
+@pytest.mark.parametrize("extra", [{}, {"n": 2, "best_of": 3}], ids=["plain", "best_of"])
+def test_client_disconnect_stops_a_non_streamed_request(extra):
+    """A non-streamed request of 4,000 tokens (40 s here) whose client leaves after 0.5 s
+    stops within a step; the server then answers the next request at once."""
+    body = json.dumps({"model": "slow", "prompt": "Hi", "max_tokens": 4000, **extra}).encode()
+    with slow_server() as (port, steps, endpoint):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                      b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.monotonic() + 20
+            while len(steps) < 20:
+                assert time.monotonic() < deadline, "generation did not start"
+                time.sleep(0.05)
+        _stops_after_client_left(steps)
+        assert not endpoint.lock.locked()
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30,
+                       json={"model": "slow", "prompt": "Hi", "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == ",,,"
+
+
+def test_a_request_whose_client_already_left_runs_no_forward():
+    calls = []
+    model = FakeModel(lambda p, g: calls.append(1) or np.zeros(50257, np.float32))
+    endpoint = Endpoint({"m": model})
+    gone = threading.Event()
+    body = b'{"model": "m", "prompt": "Hi", "max_tokens": 5}'
+    assert endpoint.handle("POST", "/v1/completions", {}, body, gone=gone).status == 200
+    n = len(calls)
+    gone.set()
+    r = endpoint.handle("POST", "/v1/completions", {}, body, gone=gone)
+    assert r.status == 499 and json.loads(r.body)["error"]["code"] == "client_closed_request"
+    assert len(calls) == n and n > 0
+    streamed = endpoint.handle("POST", "/v1/completions", {}, body[:-1] + b', "stream": true}',
+                               gone=gone)           # a stream stops by being closed instead
+    assert streamed.status == 200 and b"".join(streamed.stream).endswith(b"data: [DONE]\n\n")

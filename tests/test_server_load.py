@@ -130,7 +130,7 @@ def _post_raw(port: int, body: dict, rcvbuf: int | None = None) -> socket.socket
     s.settimeout(30)
     s.connect(("127.0.0.1", port))
     data = json.dumps(body).encode()
-    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
               b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
     return s
 
@@ -197,7 +197,7 @@ def _exchange(port: int, raw: bytes, wait: float = 5.0) -> bytes:
         return out
 
 
-H = b"Host: x\r\n"
+H = b"Host: 127.0.0.1\r\n"
 MALFORMED = [  # (name, raw request, allowed statuses)
     ("garbage", b"GARBAGE\r\n\r\n", {400}),
     ("binary", b"\x00\x01\x02\xff\xfe\r\n\r\n", {400}),
@@ -214,6 +214,10 @@ MALFORMED = [  # (name, raw request, allowed statuses)
      b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}", {400}),
     ("cl-huge", b"POST /v1/completions HTTP/1.1\r\n" + H +
      b"Content-Length: 99999999999999999999\r\n\r\n{}", {413}),
+    ("cl-1e20", b"POST /v1/completions HTTP/1.1\r\n" + H +     # h11 refuses over 20 digits
+     b"Content-Length: 100000000000000000000\r\n\r\n{}", {413}),
+    ("cl-1e100-spaced", b"POST /v1/completions HTTP/1.1\r\n" + H +
+     b"content-length:  1" + b"0" * 100 + b" \r\n\r\n{}", {413}),
     ("cl-and-chunked", b"POST /v1/completions HTTP/1.1\r\n" + H +
      b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}", {400, 408}),   # chunked wins
     ("bad-chunk", b"POST /v1/completions HTTP/1.1\r\n" + H +
@@ -258,8 +262,8 @@ def test_malformed_http(server, name, raw, allowed):
 
 def test_clients_that_vanish_while_sending(server):
     """Half a request, then gone: nothing logged as an error, the server serves on."""
-    for raw in (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{",
-                b"GET /v1/mod", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"):
+    for raw in (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 50\r\n\r\n{",
+                b"GET /v1/mod", b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"):
         for _ in range(5):
             with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
                 s.sendall(raw)

@@ -253,7 +253,7 @@ def test_the_key_is_checked_before_the_body_is_read(tiny_dir):
     """An unauthenticated client cannot make the server wait for (or buffer) a body."""
     with serve_process(f"tiny={tiny_dir}", flags=["--api-key", KEY]) as srv:
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
-            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                       b"Content-Length: 900000\r\n\r\n{")       # the body never comes
             reply = s.recv(4096)
         assert reply.startswith(b"HTTP/1.1 401")
@@ -356,3 +356,133 @@ def test_a_public_address_without_a_key_is_warned_about(monkeypatch, capsys):
         assert args.handler(args) == 0
         err = capsys.readouterr().err
         assert ("without --api-key" in err) == warned and KEY not in err
+
+
+# -- the Host allow-list (DNS rebinding) --------------------------------------------------------
+
+GOOD_HOSTS = ["127.0.0.1", "127.0.0.1:8000", "localhost", "LOCALHOST:1", "localhost.", "[::1]:80",
+              "127.0.0.2"]
+BAD_HOSTS = ["evil.example", "evil.example:8000", "localhost.evil.example", "127.0.0.1.nip.io",
+             "10.0.0.1", "[fe80::1]", "", "x:y", "[::1", "local host"]
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["open", "keyed"])
+def test_other_hosts_get_421_whatever_the_key(tiny_dir, key):
+    from refcomplete.guards import HostPolicy
+    endpoint = Endpoint({"tiny": registry.load_model(str(tiny_dir))}, api_key=key,
+                        hosts=HostPolicy.for_server("127.0.0.1"))
+    auth = {"authorization": f"Bearer {KEY}"}
+    routes = ROUTES + [("GET", "/tokenizer_info", b""), ("POST", "/tokenize", b'{"prompt": "a"}'),
+                       ("GET", "/nowhere", b""), ("DELETE", "/v1/models", b"")]
+    for method, path, body in routes:
+        for host in BAD_HOSTS:
+            for headers in ({"host": host}, {"host": host, **auth}):
+                r = endpoint.handle(method, path, headers, body)
+                assert r.status == 421, (method, path, host, r.status)
+                err = json.loads(r.body)["error"]
+                assert err["code"] == "host_not_allowed" and err["type"] == "invalid_request_error"
+                assert KEY not in r.body.decode()
+    for host in GOOD_HOSTS + [None]:     # no Host at all: HTTP/1.0, never a browser
+        headers = {} if host is None else {"host": host}
+        assert endpoint.handle("GET", "/v1/models", {**headers, **auth}, b"").status == 200, host
+        assert endpoint.handle("GET", "/v1/models", headers, b"").status == (401 if key else 200)
+
+
+def test_host_policy_names():
+    from refcomplete.guards import HostPolicy
+    p = HostPolicy.for_server("192.168.1.5", ["box.lan", "Other.Example.:9000"])
+    assert all(p.allows(h) for h in ("box.lan", "BOX.LAN:8000", "other.example", "192.168.1.5:80",
+                                     "localhost", "127.9.9.9", "[::1]"))
+    assert not any(p.allows(h) for h in ("evil.example", "192.168.1.6", "box.lan.evil.example"))
+    anywhere = HostPolicy.for_server("0.0.0.0")       # bound to all: any IP literal, no names
+    assert anywhere.allows("10.1.2.3:8000") and anywhere.allows("[2001:db8::1]")
+    assert not anywhere.allows("evil.example")
+    assert HostPolicy.for_server("::").allows("10.1.2.3")
+    assert HostPolicy.for_server("127.0.0.1", ["*"]).allows("evil.example")
+
+
+def _raw(port: int, request: bytes) -> bytes:
+    """Send one raw request; the whole reply (the server closes or 10 s pass)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        chunks = []
+        while True:
+            try:
+                part = s.recv(65536)
+            except socket.timeout:
+                break
+            if not part:
+                break
+            chunks.append(part)
+            head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+            length = [int(l.split(b":")[1]) for l in head.split(b"\r\n")
+                      if l.lower().startswith(b"content-length:")]
+            if length and len(body) >= length[0]:
+                break
+    return b"".join(chunks)
+
+
+def test_a_real_server_answers_only_its_hosts(tiny_dir):
+    for flags in ([], ["--api-key", KEY]):
+        with serve_process(f"tiny={tiny_dir}", flags=["--allowed-host", "box.lan",
+                                                      "--allowed-host", "other.lan", *flags]) as srv:
+            auth = f"Authorization: Bearer {KEY}\r\n".encode() if flags else b""
+            for host, status in (("evil.example", 421), (f"evil.example:{srv.port}", 421),
+                                 (f"localhost:{srv.port}", 200), (f"127.0.0.1:{srv.port}", 200),
+                                 ("box.lan", 200), ("other.lan:1", 200), ("lan", 421)):
+                for extra in (auth, b""):
+                    reply = _raw(srv.port, b"GET /v1/models HTTP/1.1\r\nHost: " + host.encode()
+                                 + b"\r\n" + extra + b"\r\n")
+                    want = 401 if status == 200 and flags and not extra else status
+                    assert reply.startswith(b"HTTP/1.1 %d " % want), (host, flags, reply[:200])
+                    if want == 421:
+                        head, _, body = reply.partition(b"\r\n\r\n")
+                        assert b"application/json" in head
+                        assert json.loads(body)["error"]["code"] == "host_not_allowed"
+            # a POST from a rebinding page is refused before its body is read
+            reply = _raw(srv.port, b"POST /v1/completions HTTP/1.1\r\nHost: evil.example\r\n"
+                         b"Content-Length: 900000\r\n\r\n{")
+            assert reply.startswith(b"HTTP/1.1 421 ")
+            assert srv.log_errors() == []
+
+
+def test_allowed_host_flag_reaches_serve(monkeypatch):
+    import argparse
+    from refcomplete import server
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda *a, **k: seen.update(args=a))
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_subcommand(sub)
+    args = sub.choices["serve"].parse_args(["--allowed-host", "a.lan", "--allowed-host", "b.lan"])
+    assert args.handler(args) == 0 and seen["args"][-1] == ("a.lan", "b.lan")
+    args = sub.choices["serve"].parse_args([])
+    assert args.handler(args) == 0 and seen["args"][-1] == ()
+
+
+# -- an over-long Content-Length --------------------------------------------------------------
+
+def test_any_over_long_content_length_is_an_openai_413(tiny_dir):
+    """h11 refuses more than 20 digits as malformed (uvicorn's plain-text 400); the server
+    answers every declared length over --max-body, 10^20 included, with its own 413."""
+    from refcomplete.server import too_large
+    expected = json.loads(too_large(4096).body)
+    with serve_process(f"tiny={tiny_dir}", flags=["--max-body", "4096", "--api-key", KEY]) as srv:
+        auth = f"Authorization: Bearer {KEY}\r\n".encode()
+        for declared in (b"4097", b"99999999999999999999", b"100000000000000000000",
+                         b"1" + b"0" * 60, b" 1" + b"0" * 500 + b" "):
+            for name in (b"Content-Length", b"content-length", b"CONTENT-LENGTH"):
+                reply = _raw(srv.port, b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             + auth + name + b":" + declared + b"\r\n\r\n{}")
+                head, _, body = reply.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 413 "), (declared[:30], reply[:300])
+                assert b"content-type: application/json" in head.lower()
+                assert json.loads(body) == expected
+        # malformed lengths are still uvicorn's 400; the server serves on
+        for declared in (b"abc", b"-1", b"1e30", b"12 34"):
+            reply = _raw(srv.port, b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Length: " + declared + b"\r\n\r\n{}")
+            assert reply.startswith(b"HTTP/1.1 400 "), (declared, reply[:200])
+        r = httpx.post(srv.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": "tiny", "prompt": "Hi", "max_tokens": 1}, timeout=30)
+        assert r.status_code == 200
+        assert srv.log_errors() == []
