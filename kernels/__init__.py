@@ -1,6 +1,10 @@
-"""Numba kernels for the GPT-2 decode step, installed as `refcomplete.kernels`.
+"""The GPT-2 kernels and our elementary functions, installed as `refcomplete.kernels`.
 
-Each kernel in gpt2.py has a NumPy twin (same name + `_ref`) that is its spec;
-tests/test_kernels.py pins them together, also under NUMBA_DISABLE_JIT=1.
-Importing this package imports numba: only refcomplete.runtime does, lazily.
+- fmath.py: our float64 exp, log and sum (pure NumPy, the spec; SEMANTICS 11);
+  fmath_numba.py: their compiled twins, the same bits.
+- gpt2_numpy.py: the GPT-2 kernels as strict NumPy (the "numpy" backend, the spec);
+  gpt2.py: the same kernels compiled with Numba (the "numba" backend, the default).
+tests/test_kernels.py and test_fmath.py pin each pair bit for bit, also under
+NUMBA_DISABLE_JIT=1. Only fmath_numba.py and gpt2.py import numba, and only
+refcomplete.runtime imports them, lazily: `import refcomplete` stays light.
 """

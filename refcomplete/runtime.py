@@ -31,18 +31,23 @@ BACKENDS = ("numba", "numpy")
 
 def resolve_backend(backend: str | None) -> str:
     """"numba" (the default, compiled) or "numpy" (pure NumPy: no Numba import). Both give
-    the same bits (SEMANTICS 11). None means numba where it is installed, else numpy."""
+    the same bits (SEMANTICS 11). None means numba where it imports, else numpy."""
     if backend is None:
-        import importlib.util
-        return "numba" if importlib.util.find_spec("numba") is not None else "numpy"
+        return "numba" if _numba_imports() else "numpy"
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if backend == "numba":
-        import importlib.util
-        if importlib.util.find_spec("numba") is None:
-            raise ImportError("backend 'numba' needs numba installed (pip install numba); "
-                              "backend 'numpy' gives the same bits without it")
+    if backend == "numba" and not _numba_imports():
+        raise ImportError("backend 'numba' needs numba, which does not import here "
+                          "(pip install numba); backend 'numpy' gives the same bits without it")
     return backend
+
+
+def _numba_imports() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class GPT2Model:
