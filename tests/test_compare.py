@@ -1,5 +1,6 @@
-"""compare: a suite replayed against `refcomplete serve` passes every case; against
-deliberately wrong servers and a vLLM-like dialect server, the right cases are named."""
+"""compare: a suite replayed against `refcomplete serve` passes every case; deliberately
+wrong servers fail the cases they should; servers with the dialects of vLLM and
+llama-cpp-python get those dialects named, and nothing else."""
 
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ def endpoint(tiny_dir):
     return Endpoint({"tiny": load_model(str(tiny_dir))})
 
 
+@pytest.fixture(scope="module")
+def by_name(suite):
+    return {c["name"]: c for c in golden.load_suite(suite)[1]}
+
+
 def cli(argv) -> int:
     ap = argparse.ArgumentParser()
     compare.add_subcommand(ap.add_subparsers())
@@ -43,21 +49,32 @@ def test_refcomplete_serve_passes_every_case(suite, tiny_dir, tmp_path, capsys):
     failed = [c for c in rep["cases"] if c["result"] != "pass"]
     assert code == 0 and not failed, failed[:3]
     assert len(rep["cases"]) == len(golden.load_suite(suite)[1])
-    assert "0 fail" in out.out and "49/49" in out.err
+    assert "0 fail" in out.out and "49/49" in out.err and f"using suite {suite}" in out.err
+    assert "largest common shift 0 " in out.out
 
 
 class Mutating(EndpointTransport):
-    """An in-process server whose JSON answers (and stream chunks) pass through `mutate`."""
+    """An in-process server: `rewrite` changes the request it answers, `mutate(req, None)`
+    may answer instead ((status, body) or an httpx.Response), `mutate(req, obj)` changes each JSON answer and
+    stream chunk (None drops a chunk). It records every request it receives."""
 
-    def __init__(self, endpoint, mutate):
+    def __init__(self, endpoint, mutate=None, rewrite=None):
         super().__init__(endpoint)
-        self.mutate = mutate
+        self.mutate = mutate or (lambda req, obj: obj)
+        self.rewrite, self.seen = rewrite, []
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         req = json.loads(request.read() or b"{}")
-        override = self.mutate(req, None)   # a whole-response override (status, body), or None
+        self.seen.append(req)
+        override = self.mutate(req, None)
+        if isinstance(override, httpx.Response):
+            return override
         if override is not None:
             return httpx.Response(override[0], json=override[1], request=request)
+        if self.rewrite is not None:
+            request = httpx.Request(request.method, request.url, json=self.rewrite(dict(req)),
+                                    headers={k: v for k, v in request.headers.items()
+                                             if k.lower() != "content-length"})
         resp = super().handle_request(request)
         if resp.status_code != 200 or request.url.path != "/v1/completions":
             return resp
@@ -65,21 +82,35 @@ class Mutating(EndpointTransport):
             frames = []
             for line in resp.read().decode().split("\n\n"):
                 if line.startswith("data: {"):
-                    line = "data: " + json.dumps(self.mutate(req, json.loads(line[6:])))
+                    chunk = self.mutate(req, json.loads(line[6:]))
+                    if chunk is None:
+                        continue
+                    line = "data: " + json.dumps(chunk)
                 frames.append(line)
             return httpx.Response(200, content="\n\n".join(frames).encode(), request=request,
                                   headers={"content-type": "text/event-stream"})
         return httpx.Response(200, json=self.mutate(req, resp.json()), request=request)
 
 
-def replay(suite, endpoint, mutate, waived=()):
-    rep = compare.Replayer("http://test", "tiny", transport=Mutating(endpoint, mutate))
-    results = compare.run(suite, rep, progress=None)
-    return {r.name: r for r in results}, set(waived)
+def replay(suite, transport, **kw):
+    rep = compare.Replayer("http://test", "tiny", transport=transport, **kw)
+    return {r.name: r for r in compare.run(suite, rep, progress=None)}
+
+
+def named(results) -> set:
+    return {o for r in results.values() for o in r.outcomes()}
+
+
+def outcomes(result) -> list:
+    return [f.outcome for f in result.findings if f.outcome != "ok"]
+
+
+def failing(results, waived=frozenset()) -> set:
+    return {n for n, r in results.items() if r.verdict(set(waived)) == "fail"}
 
 
 def leaky_and_shifted(req, resp):
-    """Leaks stop strings into text and shifts every logprob by 0.01 (non-streamed only)."""
+    """Leaks stop strings into text and shifts every token logprob by 0.01 (non-streamed only)."""
     if resp is None or req.get("stream"):
         return None if resp is None else resp
     for c in resp["choices"]:
@@ -93,68 +124,87 @@ def leaky_and_shifted(req, resp):
 
 
 def test_a_wrong_server_fails_with_the_right_cases_named(suite, endpoint):
-    results, waived = replay(suite, endpoint, leaky_and_shifted)
-    failed = {n for n, r in results.items() if r.verdict(waived) == "fail"}
+    results = replay(suite, Mutating(endpoint, leaky_and_shifted))
+    failed = failing(results)
     assert {"stop_spans_tokens", "greedy_0", "echo_score_max0_lp5", "penalties"} <= failed
     assert {"greedy_no_logprobs", "bad_temperature", "n_greedy", "stream_include_usage"}.isdisjoint(failed)
-    checks = {c for _, r in results.items() for c, o, _ in r.findings if o == "mismatch"}
-    assert "choice 0 token_logprobs" in checks and "choice 0 text" in checks
-    table = compare.summary(list(results.values()), waived)
+    checks = {f.check for r in results.values() for f in r.findings if f.outcome == "mismatch"}
+    assert {"choice 0 logprobs shape", "choice 0 text"} <= checks     # top-k 0, token 0.01
+    assert "choice 0 logprobs shift" in {f.check for f in results["logprobs_0"].findings
+                                         if f.outcome == "mismatch"}  # no top-k: a shift
+    text = next(f for f in results["stop_spans_tokens"].findings if f.check == "choice 0 text")
+    assert text.detail.startswith("char ") and "|" in text.detail and "(golden)" in text.detail
+    table = compare.summary(list(results.values()), set())
     assert "FAIL" in table and "stop_spans_tokens" in table
 
 
-def test_a_server_accepting_bad_requests_fails_them(suite, endpoint):
-    def lenient(req, resp):
-        if resp is None and req.get("temperature", 0) > 2:
-            return 200, {"id": "cmpl-x", "object": "text_completion", "created": 0, "model": "tiny",
-                         "choices": [{"text": "", "index": 0, "logprobs": None,
-                                      "finish_reason": "length"}]}
-        return resp
-    results, waived = replay(suite, endpoint, lenient)
-    assert results["bad_temperature"].verdict(waived) == "fail"
-    assert [o for _, o, _ in results["bad_temperature"].findings] == ["validation_differs"]
-    assert results["bad_top_p"].verdict(waived) == "pass"
-
-
-def vllm_like(req, resp):
-    """Offsets from 0, one-entry top_logprobs for logprobs=0, greedy n>1 refused, -9999-free."""
+def refuses_everything(req, resp):
     if resp is None:
-        if req.get("temperature") == 0 and req.get("n", 1) > 1:
-            return 400, {"error": {"message": "n must be 1 when using greedy sampling, got 3.",
-                                   "type": "BadRequestError", "param": None, "code": 400}}
-        return None
-    for c in resp["choices"]:
-        lp = c["logprobs"]
-        if not lp:
-            continue
-        if not req.get("echo") and isinstance(req.get("prompt"), str):
-            lp["text_offset"] = [o - len(req["prompt"]) for o in lp["text_offset"]]
-        if req.get("logprobs") == 0:
-            lp["top_logprobs"] = [None if v is None else {t: v}
-                                  for t, v in zip(lp["tokens"], lp["token_logprobs"])]
+        return 400, {"error": {"message": "bad request", "type": "invalid_request_error",
+                               "param": None, "code": None}}
     return resp
 
 
-def test_dialects_are_named_and_can_be_waived(suite, endpoint):
-    results, _ = replay(suite, endpoint, vllm_like)
-    named = {o for r in results.values() for _, o, _ in r.findings} - {"ok"}
-    assert named == {"text_offset_zero", "top_logprobs_for_logprobs0", "greedy_n_refused"}
-    assert all(r.verdict(set()) in ("pass", "fail") for r in results.values())
-    assert results["n_greedy"].verdict(set()) == "fail"
-    assert all(r.verdict(named) in ("pass", "dialect") for r in results.values())
-    assert results["logprobs_0"].verdict(named) == "dialect"
-    rep = compare.report(list(results.values()), named, model="tiny")
-    assert rep["waived"] == sorted(named) and set(rep["dialects"]) == set(compare.DIALECTS)
+def test_a_server_refusing_everything_fails_every_error_case(suite, endpoint):
+    results = replay(suite, Mutating(endpoint, refuses_everything))
+    errors = {n for n, r in results.items() if r.kind == "error"}
+    assert failing(results, compare.DIALECTS) >= errors
+    assert all("refused_regardless" in outcomes(results[n]) for n in errors)
+    assert results["n_greedy"].verdict(set(compare.DIALECTS)) == "fail"       # not greedy_n_refused
+    assert results["default_prompt"].verdict(set(compare.DIALECTS)) == "fail"  # nor default_prompt_refused
 
 
-def test_near_tie_divergence_is_not_a_mismatch():
-    judge = compare.Judge(atol=1e-4, tie_margin=5e-3)
-    want = {"tokens": ["a", "b"], "token_logprobs": [-1.0, -0.6930],
-            "top_logprobs": [{"a": -1.0, "c": -2.0}, {"b": -0.6930, "d": -0.6935}],
-            "text_offset": [1, 2]}
-    got = {"tokens": ["a", "d"], "token_logprobs": [-1.0, -0.6935],
-           "top_logprobs": [{"a": -1.0, "c": -2.0}, {"d": -0.6935, "b": -0.6930}],
-           "text_offset": [1, 2]}
-    res = compare.CaseResult("t", "completion")
-    assert judge.logprobs(res, {"tags": ["greedy"]}, got, want, "c0") == 1
-    assert [o for _, o, _ in res.findings] == ["near_tie"]
+def test_a_500_on_invalid_input_is_never_waived(suite, endpoint):
+    def crashes(req, resp):
+        if resp is None:
+            status, _ = Endpoint_status(endpoint, req)
+            return (500, {"error": {"message": "", "type": "internal_error"}}) if status >= 400 else None
+        return resp
+    results = replay(suite, Mutating(endpoint, crashes))
+    errors = {n for n, r in results.items() if r.kind == "error"}
+    assert failing(results, compare.DIALECTS) == errors
+    assert all(outcomes(results[n]) == ["server_error_on_invalid"] for n in errors)
+    assert "server_error_on_invalid" not in compare.DIALECTS
+
+
+def Endpoint_status(endpoint, req):
+    """What the real endpoint answers to req (status, body)."""
+    r = endpoint.handle("POST", "/v1/completions", {"content-type": "application/json"},
+                        json.dumps(req).encode())
+    return r.status, r.body
+
+
+def test_a_server_accepting_bad_requests_fails_them(suite, endpoint):
+    canned = {"id": "cmpl-x", "object": "text_completion", "created": 0, "model": "tiny",
+              "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": "length"}],
+              "usage": {"prompt_tokens": 1, "completion_tokens": 600, "total_tokens": 601}}
+
+    def lenient(req, resp):        # accepts what we refuse and ignores it: no clamping
+        if resp is None and Endpoint_status(endpoint, req)[0] == 400 and not req.get("stream"):
+            return 200, canned
+        return resp
+    results = replay(suite, Mutating(endpoint, lenient))
+    for name in ("bad_temperature", "context_overflow", "logit_bias_bad_value"):
+        assert outcomes(results[name]) == ["validation_differs"], results[name].findings
+    assert results["bad_temperature"].verdict(set()) == "fail"
+    assert results["bad_temperature"].verdict({"validation_differs"}) == "dialect"
+
+
+def test_extra_body_never_overrides_a_case_and_skips_error_cases(suite, endpoint):
+    extra = {"top_k": 0, "repeat_penalty": 1.0, "max_tokens": 99}
+    server = Mutating(endpoint, rewrite=lambda req: {k: v for k, v in req.items()
+                                                     if k not in ("repeat_penalty",) and
+                                                     (k != "top_k" or v != 0)})
+    replay(suite, server, extra_body=extra)
+    sent = server.seen
+    unknown = [r for r in sent if r.get("top_k") is not None and "repeat_penalty" not in r]
+    assert unknown and all(r["top_k"] == 5 for r in unknown)     # the case's own field
+    greedy = next(r for r in sent if r.get("prompt") == golden.PROMPTS[0] and r.get("logprobs") == 5)
+    assert greedy["max_tokens"] == 24 and greedy["repeat_penalty"] == 1.0
+    invalid = [r for r in sent if r.get("prompt") == "x"]
+    assert invalid and all("repeat_penalty" not in r for r in invalid)
+    server.seen.clear()
+    replay(suite, server, extra_body=extra, extra_on_errors=True)
+    invalid = [r for r in server.seen if r.get("prompt") == "x" and r.get("temperature") == 3]
+    assert invalid and all(r["repeat_penalty"] == 1.0 for r in invalid)
+    assert [r["top_k"] for r in server.seen if r.get("top_k") not in (None, 0)] == [5]
