@@ -121,8 +121,22 @@ def add_subcommand(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from refcomplete.registry import resolve
+    """Exit status 2 with one line on stderr for a bad --out or an unknown model."""
+    import sys
 
-    out = export_gguf(resolve(args.model), args.out, name=Path(args.model).name)
+    from refcomplete.registry import ModelNotFound, resolve
+
+    out = Path(args.out)
+    problem = (f"--out {out} is a directory; give the file to write, e.g. {out / 'model.gguf'}"
+               if out.is_dir() else f"the directory of --out ({out.parent}) does not exist"
+               if not out.parent.is_dir() else None)
+    try:
+        model_dir = None if problem else resolve(args.model)
+    except ModelNotFound as exc:
+        problem = str(exc)
+    if problem:
+        print(f"refcomplete export: error: {problem}", file=sys.stderr)
+        return 2
+    out = export_gguf(model_dir, out, name=Path(args.model).name)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
