@@ -258,7 +258,7 @@ class Endpoint:
 def create_app(endpoint: Endpoint, body_timeout: float = BODY_TIMEOUT):
     """An ASGI app that hands every request (any method, any path) to `endpoint`.
 
-    Route, method and key are checked before the body is read (Endpoint.gate); a body over
+    Host, route, method and key are checked before the body is read (Endpoint.gate); a body over
     the limit is refused unread (413); one not received within `body_timeout` seconds is a
     408; `Endpoint.handle` runs in a worker thread. A client that disconnects while
     sending its body gets nothing; one that disconnects mid-stream closes the stream, which
