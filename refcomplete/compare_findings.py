@@ -46,8 +46,8 @@ DIALECTS = {
                             "llama-cpp-python 0.3.36"),
     "context_clamped": ("a context overflow is accepted and generation cut at the context end",
                         "vLLM 0.32 (511 of 512), llama-cpp-python 0.3.36 (511)"),
-    "logit_bias_clamped": ("a logit_bias value outside [-100, 100] is clamped, not refused",
-                           "vLLM 0.32 (101 -> 100)"),
+    "logit_bias_clamped": ("a logit_bias value outside [-100, 100] is accepted and acts as "
+                           "the nearest bound (the same greedy text)", "vLLM 0.32 (101 -> 100)"),
     "validation_differs": ("an invalid request is accepted, or refused with another 4xx status",
                            "vLLM 0.32 (five stops), llama-cpp-python 0.3.36 (most)"),
     "error_type_differs": ("the right status with another error type",

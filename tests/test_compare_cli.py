@@ -112,3 +112,12 @@ def test_stream_ignores_echo_needs_the_prompt_missing_and_nothing_else():
     assert not fits(", or NOT", "To be, or not")          # the broken twin: other text
     assert not fits("be, or not", "To be, or not")        # part of the prompt is not the echo
     assert not fits("To be, or not", "To be, or not")     # nothing missing
+
+
+def test_docs_list_every_dialect_and_no_machine_path():
+    from pathlib import Path
+    doc = (Path(__file__).parents[1] / "docs" / "golden.md").read_text(encoding="utf-8")
+    table = [line for line in doc.splitlines() if line.startswith("| `")]
+    assert {line.split("`")[1] for line in table} >= set(compare.DIALECTS)
+    assert all(name in doc for name in compare.FAILURES)
+    assert "/work/" not in doc and "/home/" not in doc and "/tmp/" not in doc

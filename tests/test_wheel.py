@@ -19,6 +19,9 @@ import refcomplete
 assert importlib.util.find_spec("kernels") is None, "kernels must not be a top-level package"
 from refcomplete._paths import weights_dir
 out = {"weights": str(weights_dir()), "file": refcomplete.__file__, "models": refcomplete.list_models()}
+from refcomplete.compare import bundled_suite
+from refcomplete.golden import load_suite
+out["suite"], out["suite_cases"] = str(bundled_suite()), len(load_suite(bundled_suite())[1])
 if hasattr(refcomplete, "create"):
     r = refcomplete.create(model="gpt2-tiny-shakespeare", prompt="ROMEO:", max_tokens=8, temperature=0)
     out["text"] = r["choices"][0]["text"]
@@ -40,6 +43,8 @@ def test_wheel_installs_and_completes_outside_the_repo(tmp_path):
     assert "refcomplete/kernels/gpt2.py" in names
     assert not any(n.startswith("kernels/") for n in names)
     assert any(n.startswith("refcomplete/weights/gpt2-tiny-shakespeare/model.safetensors") for n in names)
+    assert "refcomplete/golden_suite/manifest.json" in names       # compare's default suite
+    assert not any(n.startswith("tests/") for n in names)
 
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
@@ -53,4 +58,5 @@ def test_wheel_installs_and_completes_outside_the_repo(tmp_path):
     assert out["weights"].startswith(str(env_dir)), out
     assert out["file"].startswith(str(env_dir)), out
     assert "gpt2-tiny-shakespeare" in out["models"]
+    assert out["suite"].startswith(str(env_dir)) and out["suite_cases"] >= 49, out
     assert out["usage"]["completion_tokens"] >= 1 and out["text"]
