@@ -208,3 +208,34 @@ def test_extra_body_never_overrides_a_case_and_skips_error_cases(suite, endpoint
     invalid = [r for r in server.seen if r.get("prompt") == "x" and r.get("temperature") == 3]
     assert invalid and all(r["repeat_penalty"] == 1.0 for r in invalid)
     assert [r["top_k"] for r in server.seen if r.get("top_k") not in (None, 0)] == [5]
+
+
+class Flaky(Mutating):
+    """Drops the connection on greedy_1's plain request: once, or every time."""
+
+    def __init__(self, endpoint, always):
+        super().__init__(endpoint)
+        self.always, self.drops, self.closes = always, 0, 0
+
+    def close(self) -> None:
+        self.closes += 1
+
+    def handle_request(self, request):
+        req = json.loads(request.read() or b"{}")
+        if req.get("prompt") == golden.PROMPTS[1] and req.get("max_tokens") == 24 and not req.get("stream") \
+                and (self.always or not self.drops):
+            self.drops += 1
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        return super().handle_request(request)
+
+
+def test_a_transport_error_is_retried_once_on_a_fresh_connection(suite, endpoint):
+    once = Flaky(endpoint, always=False)
+    results = replay(suite, once)
+    assert once.drops == 1 and once.closes >= 1 and results["greedy_1"].verdict(set()) == "pass"
+    always = Flaky(endpoint, always=True)
+    results = replay(suite, always)
+    assert always.drops == 2 and outcomes(results["greedy_1"]) == ["transport_error"]
+    assert "RemoteProtocolError" in results["greedy_1"].findings[0].detail
+    assert results["greedy_no_logprobs"].verdict(set()) == "pass"          # the next case
+    assert failing(results) == {"greedy_1"}
