@@ -48,7 +48,10 @@ def _margin(top: dict) -> float | None:
 
 def _edge_tie(a: dict, b: dict, margin: float) -> bool:
     """Keys differ only where the golden k-th value ties with what replaced it."""
-    lo = min(v for v in b.values() if v is not None)
+    vals = [v for v in b.values() if v is not None]
+    if not vals:
+        return False
+    lo = min(vals)
     return all(v is not None and abs(v - lo) < margin for k, v in a.items() if k not in b)
 
 

@@ -215,3 +215,19 @@ def test_summary_shows_the_deciding_finding_first_in_full():
     assert "z" * 150 in row and "waived one" not in row
     assert r.verdict({"text_offset_zero"}) == "fail" and [f.outcome for f in r.ordered(set())][0] == \
         "text_offset_zero"     # with nothing waived, both decide: the order they were found
+
+
+def test_near_tie_divergence_is_not_a_mismatch_and_a_clear_one_is():
+    want = {"tokens": ["a", "b"], "token_logprobs": [-1.0, -0.6930],
+            "top_logprobs": [{"a": -1.0, "c": -2.0}, {"b": -0.6930, "d": -0.6935}],
+            "text_offset": [1, 2]}
+    got = {"tokens": ["a", "d"], "token_logprobs": [-1.0, -0.6935],
+           "top_logprobs": [{"a": -1.0, "c": -2.0}, {"d": -0.6935, "b": -0.6930}],
+           "text_offset": [1, 2]}
+    res = compare.CaseResult("t", "completion")
+    assert Judge(tie_margin=5e-3).logprobs(res, {"tags": ["greedy"], "request": {}}, got, want, "c0") == 1
+    assert bad(res) == [("c0 tokens", "near_tie")]
+    far = {**want, "top_logprobs": [want["top_logprobs"][0], {"b": -0.1, "d": -2.5}]}
+    res = compare.CaseResult("t", "completion")
+    assert Judge().logprobs(res, {"tags": ["greedy"], "request": {}}, got, far, "c0") is None
+    assert ("c0 tokens", "mismatch") in bad(res)
