@@ -108,7 +108,8 @@ class Judge:
         stop_cut = bool(case["request"].get("stop")) and w["finish_reason"] == "stop"
         cut = self.logprobs(res, case, glp, wlp, where, stop_cut)
         if gtext != wtext and cut is None:
-            res.add(where + " text", "mismatch", text_diff(str(gtext), wtext), got=gtext, want=wtext)
+            res.add(where + " text", "mismatch", text_diff(gtext, wtext) if isinstance(gtext, str)
+                    else f"text {gtext!r}; golden {wtext[:40]!r}", got=gtext, want=wtext)
         if g.get("finish_reason") != w["finish_reason"] and cut is None:
             res.add(where + " finish_reason", "mismatch",
                     f"{g.get('finish_reason')!r} vs {w['finish_reason']!r} (golden)",

@@ -42,8 +42,13 @@ def sdk_validate(obj: dict) -> str | None:
                 lp["top_logprobs"][0] = {}
     try:
         Completion.model_validate(obj)
-    except Exception as exc:  # pydantic.ValidationError
-        return str(exc).splitlines()[0]
+    except Exception as exc:  # pydantic.ValidationError: say where and what
+        errors = exc.errors() if hasattr(exc, "errors") else []
+        if not errors:
+            return str(exc).splitlines()[0]
+        e = errors[0]
+        where = ".".join(str(x) for x in e.get("loc", ()))
+        return f"{len(errors)} schema error(s); {where}: {e.get('msg')} (got {e.get('input')!r:.60})"
     return None
 
 
@@ -165,7 +170,12 @@ class Replayer:
         except Unreachable:
             raise
         except Exception as exc:  # a crash of one case is a finding, not the end of the run
-            res.add("request", "transport_error", f"{type(exc).__name__}: {exc}"[:200])
+            import httpx
+
+            if isinstance(exc, httpx.TransportError):
+                res.add("request", "transport_error", f"{type(exc).__name__}: {exc}"[:200])
+            else:                 # an answer of an unexpected shape (a list for a dict, ...)
+                res.add("answer", "mismatch", f"cannot be judged: {type(exc).__name__}: {exc}"[:200])
         if not res.findings:
             res.add("all", "ok")
         return res

@@ -239,3 +239,16 @@ def test_a_transport_error_is_retried_once_on_a_fresh_connection(suite, endpoint
     assert "RemoteProtocolError" in results["greedy_1"].findings[0].detail
     assert results["greedy_no_logprobs"].verdict(set()) == "pass"          # the next case
     assert failing(results) == {"greedy_1"}
+
+
+def test_an_answer_of_the_wrong_shape_is_a_mismatch_not_a_crash(suite, endpoint):
+    def odd(req, resp):
+        if resp is not None and not req.get("stream") and req.get("max_tokens") == 24:
+            resp["choices"] = [{"index": 0}]       # no text, no logprobs, no finish_reason
+        return resp
+    results = replay(suite, Mutating(endpoint, odd))
+    assert results["greedy_0"].verdict(set(compare.DIALECTS)) == "fail"
+    assert "transport_error" not in results["greedy_0"].outcomes()
+    assert failing(results) == {n for n, r in results.items() if r.kind == "completion"
+                                and r.name in {"greedy_0", "greedy_1", "greedy_2", "greedy_3",
+                                               "stop_spans_tokens", "stop_list", "penalties"}}
