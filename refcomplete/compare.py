@@ -140,6 +140,8 @@ def _run(args) -> int:
     suite, how = _suite(args)
     if suite is None:
         return _fail(how)
+    if args.report and not Path(args.report).resolve().parent.is_dir():
+        return _fail(f"the directory of --report ({Path(args.report).parent}) does not exist")
     shift = args.shift_tol if args.atol is None else args.atol
     shape = args.shape_tol if args.atol is None else args.atol
     print(f"using {how}", file=sys.stderr)

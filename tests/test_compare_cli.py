@@ -56,6 +56,7 @@ def test_an_unreachable_server_is_one_message(capsys):
     (["--model", "m", "--suite", "no/such/suite"], "no golden suite at no/such/suite"),
     (["--model", "gpt2-tiny-shakespeare", "--extra-body", "{top_k: 0}"], "--extra-body is not valid JSON"),
     (["--model", "gpt2-tiny-shakespeare", "--extra-body", "[1]"], "must be a JSON object"),
+    (["--model", "gpt2-tiny-shakespeare", "--report", "no/such/dir/r.json"], "of --report"),
 ])
 def test_what_stops_a_run_is_one_clear_line(capsys, argv, message):
     code, out, err = run(capsys, compare, "compare", "--base-url", dead_url(), *argv)
