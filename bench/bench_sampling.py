@@ -1,11 +1,14 @@
 """P7: sampling + logprob extraction per step at batch 1 over 50,257 logits (target <= 0.3 ms).
 
 Times decode.draw (the whole per-row step minus the model: pipeline, coin, select,
-logprobs) for a few request shapes, and prints the BLAS kernel (threadpoolctl).
-    python bench/bench_sampling.py
+logprobs) for a few request shapes with the backend's exp/log/sum, and prints the CPU's
+SIMD flags and the BLAS kernel (threadpoolctl).
+    python bench/bench_sampling.py [--backend numba|numpy]
 """
 
+import argparse
 import platform
+import re
 import timeit
 
 import numpy as np
@@ -25,13 +28,31 @@ CASES = {
         SamplingParams(0.8, 0.9, 0.5, 0.5, ((11, 2.0),)), 5),
     "T=1 top_p=1, logprobs=5": (SamplingParams(), 5),
 }
-print(f"numpy {np.__version__}, {platform.processor() or platform.machine()}")
+ap = argparse.ArgumentParser()
+ap.add_argument("--backend", default="numba", choices=["numba", "numpy"])
+args = ap.parse_args()
+if args.backend == "numba":
+    from refcomplete.kernels import fmath_numba as ops
+else:
+    from refcomplete.kernels import fmath as ops
+
+
+def cpu_flags() -> str:
+    try:
+        flags = set(re.search(r"^flags\s*:(.*)$", open("/proc/cpuinfo").read(), re.M).group(1).split())
+    except (OSError, AttributeError):
+        return "unknown"
+    return " ".join(f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl") if f in flags) or "none of avx2/fma/avx512"
+
+
+print(f"numpy {np.__version__}, {platform.processor() or platform.machine()}, backend {args.backend}")
+print(f"CPU flags: {cpu_flags()}")
 for info in threadpool_info():
     print(f"BLAS: {info.get('internal_api')} {info.get('version')} kernel={info.get('architecture')}"
           f" threads={info.get('num_threads')}")
 for name, (params, k) in CASES.items():
     plan = Plan(rows=1, max_new_tokens=16, sampling=params, seed=1, logprobs=k)
     step = iter(range(10**9))
-    f = lambda: draw(tok, logits, counts, plan, 0, next(step))  # noqa: E731
+    f = lambda: draw(tok, logits, counts, plan, 0, next(step), ops)  # noqa: E731
     best = min(timeit.repeat(f, number=200, repeat=5)) / 200
     print(f"{name:<42} {best * 1e3:6.3f} ms/step")

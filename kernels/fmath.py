@@ -164,3 +164,17 @@ def log_softmax_at(z: np.ndarray, ids) -> np.ndarray:
     """log_softmax(z)[ids] = (z[ids] - max z) - log(sum(exp(z - max z))), float64."""
     m = np.max(z)
     return (np.asarray(z)[ids] - m) - log(np.array([sum(exp(z - m))]))[0]
+
+
+def top_k(x: np.ndarray, k: int, positive: bool = False) -> list[int]:
+    """The k largest entries' ids, descending, ties by ascending id (positive: only x > 0).
+    Selection, no arithmetic; here so that each backend brings its fast version."""
+    out: list[int] = []
+    y = np.array(x, dtype=np.float64)
+    for _ in range(min(max(k, 0), len(y))):
+        i = int(np.argmax(y))
+        if positive and not y[i] > 0:
+            break
+        out.append(i)
+        y[i] = -np.inf
+    return out

@@ -88,11 +88,43 @@ def exp1(x):
     return x if x != x else y
 
 
+# Where every result is a normal number (FAST_LO <= x <= FAST_HI: k in [-1021, 1023]), the
+# spec's two scalings (y * 2^(k-h)) * 2^h are both exact, so one exact y * 2^k is the same
+# float. The array kernels run that path, and redo the array with exp1 if any x fell outside.
+FAST_LO, FAST_HI = -708.0, 709.0
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def exp1_normal(x):
+    """exp1(x) for FAST_LO <= x <= FAST_HI only (the same bits there, fewer operations)."""
+    k = np.floor(x * INV_LN2 + 0.5)
+    hi = x - k * LN2_HI
+    lo = k * LN2_LO
+    r = hi - lo
+    t = r * r
+    c = r - t * (P1 + t * (P2 + t * (P3 + t * (P4 + t * P5))))
+    y = 1.0 - ((lo - (r * c) / (2.0 - c)) - hi)
+    return y * pow2(k)
+
+
+@njit(cache=True, error_model="numpy")
+def exp_shifted_into(z, m, out):
+    """out[i] = exp(z[i] - m) (float64 [V]); m = 0.0 gives exp(z)."""
+    n = z.shape[0]
+    outside = False
+    for i in range(n):
+        x = z[i] - m
+        outside |= not (x >= FAST_LO and x <= FAST_HI)       # NaN counts as outside
+        out[i] = exp1_normal(x)
+    if outside:
+        for i in range(n):
+            out[i] = exp1(z[i] - m)
+
+
 @njit(cache=True, error_model="numpy")
 def exp_into(x, out):
     """out[i] = exp(x[i]) (float64 [V])."""
-    for i in range(x.shape[0]):
-        out[i] = exp1(x[i])
+    exp_shifted_into(x, 0.0, out)
 
 
 @njit(cache=True, error_model="numpy")
@@ -155,13 +187,6 @@ def sum8(x):
 
 
 @njit(cache=True, error_model="numpy")
-def exp_shifted_into(z, m, out):
-    """out[i] = exp(z[i] - m) (float64 [V])."""
-    for i in range(z.shape[0]):
-        out[i] = exp1(z[i] - m)
-
-
-@njit(cache=True, error_model="numpy")
 def softmax_into(z, m, out):
     """out = exp(z - m) / sum(exp(z - m)) with m = max z given (fmath.softmax)."""
     exp_shifted_into(z, m, out)
@@ -176,6 +201,29 @@ def sum_exp(z, m):
     e = np.empty_like(z)
     exp_shifted_into(z, m, e)
     return sum8(e)
+
+
+@njit(cache=True)
+def top_k_ids(x, k, positive):
+    """fmath.top_k in one pass: an insertion-sorted buffer of the k best (value desc, id asc)."""
+    ids = np.empty(k, np.int64)
+    vals = np.empty(k, np.float64)
+    cnt = 0
+    for i in range(x.shape[0]):
+        v = x[i]
+        if positive and not v > 0:
+            continue
+        if cnt < k or v > vals[cnt - 1]:
+            j = cnt if cnt < k else k - 1
+            while j > 0 and vals[j - 1] < v:                 # equal values keep the lower id first
+                vals[j] = vals[j - 1]
+                ids[j] = ids[j - 1]
+                j -= 1
+            vals[j] = v
+            ids[j] = i
+            if cnt < k:
+                cnt += 1
+    return ids[:cnt]
 
 
 # -- the same interface as kernels/fmath.py (NumPy arrays in, NumPy arrays out) ----------
@@ -210,3 +258,9 @@ def log_softmax_at(z, ids):
     m = np.max(z)
     s = sum_exp(z, m)
     return (z[ids] - m) - log(np.array([s]))[0]
+
+
+def top_k(x, k, positive=False):
+    if k <= 0:
+        return []
+    return top_k_ids(np.ascontiguousarray(x, dtype=np.float64), int(k), bool(positive)).tolist()

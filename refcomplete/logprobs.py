@@ -48,10 +48,10 @@ def generated(z: np.ndarray, x: np.ndarray, token: int, k: int | None, processed
         return None, None
     if not processed or greedy:
         src = z if not processed else x
-        ids = [token] + top_k(src, k)
+        ids = [token] + top_k(src, k, ops=ops)
         lps = log_softmax_at(src, ids, ops)
     else:
-        ids = [token] + top_k(x, k, positive=True)
+        ids = [token] + top_k(x, k, positive=True, ops=ops)
         lps = ops.log(x[ids])
     lps = [float(v) for v in lps]
     return lps[0], tuple(zip(ids[1:], lps[1:]))
@@ -70,7 +70,7 @@ def prompt_tokens(tokenizer, prompt, logits: np.ndarray | None, k: int | None,
             rows = logits[lo:lo + PROMPT_CHUNK].astype(np.float64)
             for j, z in enumerate(rows[: len(prompt) - 1 - lo]):
                 t = lo + j + 1
-                ids = [prompt[t]] + top_k(z, k)
+                ids = [prompt[t]] + top_k(z, k, ops=ops)
                 v = [float(a) for a in log_softmax_at(z, ids, ops)]
                 lps[t], tops[t] = v[0], tuple(zip(ids[1:], v[1:]))
     for t, token in enumerate(prompt):

@@ -156,8 +156,8 @@ def select(p: np.ndarray, u: float) -> int:
     than the worst-case rounding difference, else the exact sequential walk decides,
     so the result always equals `select_reference`.
     """
-    dense = bool(p.all())
-    ids = np.arange(len(p)) if dense else np.flatnonzero(p > 0)   # bool: much faster
+    ids = np.flatnonzero(p > 0)                             # via bool: much faster
+    dense = len(ids) == len(p)
     w = p if dense else p[ids]
     if len(w) < _EXACT_BELOW:
         return int(ids[_walk(np.cumsum(w), u)])
@@ -200,6 +200,7 @@ def select_reference(p: np.ndarray, u: float) -> int:
 # -- top_p internals ----------------------------------------------------------------------
 
 _FRACTIONS = (2.0**-6, 2.0**-9, 2.0**-12, 2.0**-16, 2.0**-20, 2.0**-28, 2.0**-40, 0.0)
+_POOL = 2.0**-16
 
 
 def _top_p_keep(p: np.ndarray, top_p: float) -> np.ndarray:
@@ -207,15 +208,23 @@ def _top_p_keep(p: np.ndarray, top_p: float) -> np.ndarray:
 
     The candidates {p >= f * max p} all precede every other token in the sorted order,
     so if their mass already reaches top_p the rule is decided among them; else a
-    lower threshold is tried, down to the whole vocabulary. A set whose (pairwise) sum
-    is short of top_p by more than any rounding difference is skipped unsorted.
+    lower threshold is tried, down to the whole vocabulary. A set whose sum is short of
+    top_p by more than any rounding difference is skipped unsorted (that sum only picks
+    which set to sort, never a kept token, so numpy's pairwise sum is fine there). The
+    thresholds are tried within a pool {p >= POOL * max p} first, which holds nearly all
+    the mass of a trained model's distribution, so the vocabulary is scanned once.
     The candidates are sorted by an unstable (fast) sort: permuting equal values leaves
     every cumulative sum unchanged, so only which ids of the last kept value's tie group
     are kept can differ, and those are then taken by ascending id, as the spec says.
     """
     pmax = p.max()
+    pool = np.flatnonzero(p >= pmax * _POOL)
+    pool_mass = p[pool].sum()
     for f in _FRACTIONS:
-        cand = np.flatnonzero(p >= pmax * f) if f else np.arange(len(p))
+        if f and f >= _POOL and pool_mass >= top_p - 1e-9:
+            cand = pool[p[pool] >= pmax * f]                # ascending ids, as flatnonzero's
+        else:
+            cand = np.flatnonzero(p >= pmax * f) if f else np.arange(len(p))
         pc = p[cand]
         if f and pc.sum() < top_p - 1e-9:          # surely short of top_p: skip the sort
             continue
@@ -260,19 +269,9 @@ def log_softmax_at(z: np.ndarray, ids, ops: ModuleType = fmath) -> np.ndarray:
     return ops.log_softmax_at(z, ids)
 
 
-def top_k(x: np.ndarray, k: int, positive: bool = False) -> list[int]:
+def top_k(x: np.ndarray, k: int, positive: bool = False, ops: ModuleType = fmath) -> list[int]:
     """The k largest entries' ids, descending, ties by ascending id; no sort of x.
 
     With positive=True only entries > 0 qualify (for probabilities after top_p).
     """
-    out: list[int] = []
-    if k <= 0:
-        return out
-    y = x.copy()
-    for _ in range(min(k, len(y))):
-        i = int(np.argmax(y))
-        if positive and not y[i] > 0:
-            break
-        out.append(i)
-        y[i] = -np.inf
-    return out
+    return ops.top_k(x, k, positive)

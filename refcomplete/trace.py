@@ -57,7 +57,7 @@ def record(tokenizer, step: int, z: np.ndarray, seen: list, coin: float | None,
     for name, p in stages:
         row = {"stage": name, "chosen": float(p[token]),
                "top": [[tokenizer.display(i), i, float(p[i])]
-                       for i in top_k(p, TOP, positive=True)]}
+                       for i in top_k(p, TOP, positive=True, ops=ops)]}
         if name == "top_p":
             before = dict(seen)["softmax"]
             kept = p > 0
