@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--frequency-penalty", type=float, default=0.0)
     c.add_argument("--trace", action="store_true", help="show the sampler's work per step")
     c.add_argument("--json", action="store_true", help="print the raw JSON response")
+    from refcomplete.server import add_backend_flag
+    add_backend_flag(c)
     sub.add_parser("models", help="list the models that can be loaded")
     from refcomplete import compare, export_gguf, golden, server  # serve, golden, compare, export
     for module in (server, golden, compare, export_gguf):
@@ -63,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
                "stop": args.stop, "echo": args.echo or None, "trace": args.trace or None,
                "presence_penalty": args.presence_penalty,
                "frequency_penalty": args.frequency_penalty}
-    from refcomplete.completions import create
+    import functools
+
+    from refcomplete.completions import Completions, registry_loader
+    create = Completions(functools.partial(registry_loader, backend=args.backend)).create
     try:
         if args.json or args.logprobs is not None or args.trace or args.n > 1 or args.best_of:
             response = create(**request)

@@ -37,12 +37,13 @@ from refcomplete.params import DEFAULT_LIMITS, Limits
 from refcomplete.sampling import SamplingParams
 
 
-def registry_loader(name: str):
-    """Load a model by name through refcomplete.registry (imported lazily: it pulls numba)."""
+def registry_loader(name: str, backend: str | None = None):
+    """Load a model by name through refcomplete.registry (imported lazily: it pulls numba),
+    on `backend` ("numba" or "numpy": the same bits; None: numba where installed)."""
     from refcomplete import registry
 
     try:
-        return registry.load_model(name)
+        return registry.load_model(name, backend)
     except registry.ModelNotFound as exc:
         raise ModelNotFoundError(name) from exc
 

@@ -216,13 +216,16 @@ def add_subcommand(subparsers) -> None:
                    help="model name or directory (the suite names it as given)")
     p.add_argument("--name", help="the model name written into the suite (default: --model)")
     p.add_argument("--out", required=True, help="suite directory to (re)write")
+    from refcomplete.server import add_backend_flag
+    add_backend_flag(p)
     p.set_defaults(handler=_run)
 
 
 def _run(args) -> int:
     from refcomplete.registry import load_model
 
-    out = generate_suite(load_model(args.model), args.name or args.model, args.out)
+    out = generate_suite(load_model(args.model, getattr(args, "backend", None)), args.name or args.model,
+                         args.out)
     manifest = json.loads((out / "manifest.json").read_text())
     print(f"wrote {len(manifest['cases'])} cases to {out}")
     return 0

@@ -362,20 +362,23 @@ class _Disconnected(Exception):
 
 
 def load_endpoint(models: list[str], api_key: str | None = None, max_body: int = MAX_BODY,
-                  limits: Limits = DEFAULT_LIMITS, hosts: HostPolicy | None = None) -> Endpoint:
-    """Load each model once (through the registry). A spec is `NAME` (served as NAME) or
-    `NAME=WHERE` (the model at WHERE, a registry name or directory, served as NAME)."""
+                  limits: Limits = DEFAULT_LIMITS, hosts: HostPolicy | None = None,
+                  backend: str | None = None) -> Endpoint:
+    """Load each model once (through the registry, on `backend`: "numba" or "numpy", the
+    same bits). A spec is `NAME` (served as NAME) or `NAME=WHERE` (the model at WHERE, a
+    registry name or directory, served as NAME)."""
     from refcomplete.registry import load_model
 
     pairs = [spec.split("=", 1) if "=" in spec else (spec, spec) for spec in models]
-    return Endpoint({name: load_model(where) for name, where in pairs}, api_key=api_key,
+    return Endpoint({name: load_model(where, backend) for name, where in pairs}, api_key=api_key,
                     max_body=max_body, limits=limits, hosts=hosts)
 
 
 def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, log_level: str = "info", max_body: int = MAX_BODY,
           limits: Limits = DEFAULT_LIMITS, body_timeout: float = BODY_TIMEOUT,
-          shutdown_timeout: int = SHUTDOWN_TIMEOUT, allowed_hosts: tuple[str, ...] = ()) -> None:
+          shutdown_timeout: int = SHUTDOWN_TIMEOUT, allowed_hosts: tuple[str, ...] = (),
+          backend: str | None = None) -> None:
     """Load the models, then run uvicorn until interrupted (SIGINT, SIGTERM: requests in
     flight get `shutdown_timeout` seconds to finish, then are cut). Only the Hosts of
     `guards.HostPolicy.for_server(host, allowed_hosts)` are answered. uvicorn runs its h11
@@ -383,11 +386,18 @@ def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000,
     import uvicorn
 
     endpoint = load_endpoint(models, api_key, max_body, limits,
-                             HostPolicy.for_server(host, allowed_hosts))
+                             HostPolicy.for_server(host, allowed_hosts), backend)
     big = too_large(max_body)
     uvicorn.run(create_app(endpoint, body_timeout), host=host, port=port, log_level=log_level,
                 access_log=False, timeout_graceful_shutdown=shutdown_timeout,
                 http=h11_protocol(big.status, big.headers, big.body))
+
+
+def add_backend_flag(p) -> None:
+    """--backend, shared by serve, golden and complete."""
+    p.add_argument("--backend", choices=("numba", "numpy"), default=None,
+                   help="numba (compiled, the default where installed) or numpy (no Numba); "
+                   "the same bits either way")
 
 
 def _positive(kind):
@@ -424,6 +434,7 @@ def add_subcommand(subparsers) -> None:
                    "'*': any). Always answered: localhost, loopback addresses, the --host "
                    "address; any other Host is a 421")
     p.add_argument("--log-level", default="info")
+    add_backend_flag(p)
     p.add_argument("--max-body", type=_positive(int), default=MAX_BODY, metavar="BYTES",
                    help=f"the largest request body; larger is a 413 (default {MAX_BODY})")
     p.add_argument("--body-timeout", type=_positive(float), default=BODY_TIMEOUT,
@@ -449,7 +460,7 @@ def _run(args) -> int:
     try:
         serve(args.models or [DEFAULT_MODEL], args.host, args.port, args.api_key,
               args.log_level, args.max_body, limits, args.body_timeout, args.shutdown_timeout,
-              tuple(args.allowed_hosts))
+              tuple(args.allowed_hosts), args.backend)
     except ModelNotFound as exc:
         print(f"error: {exc}")
         return 2
