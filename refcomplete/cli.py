@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
                "frequency_penalty": args.frequency_penalty}
     import functools
 
-    from refcomplete.completions import Completions, registry_loader
-    create = Completions(functools.partial(registry_loader, backend=args.backend)).create
+    from refcomplete import completions
+    create = completions.create if args.backend is None else completions.Completions(
+        functools.partial(completions.registry_loader, backend=args.backend)).create
     try:
         if args.json or args.logprobs is not None or args.trace or args.n > 1 or args.best_of:
             response = create(**request)

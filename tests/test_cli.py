@@ -59,3 +59,13 @@ def test_bad_request_exits_2_with_the_message(capsys):
 def test_models_lists_loadable_models(capsys, monkeypatch):
     monkeypatch.setattr("refcomplete.registry.list_models", lambda: ["a", "b"])
     assert run(capsys, "models")[:2] == (0, "a\nb\n")
+
+
+def test_backend_flag_loads_that_backend(monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(completions, "registry_loader",
+                        lambda name, backend=None: seen.append((name, backend)) or FakeModel())
+    code, out, _ = run(capsys, "complete", "Hi", "--backend", "numpy", "--max-tokens", "2", "--json")
+    assert code == 0 and seen == [("gpt2-tiny-shakespeare", "numpy")]
+    with pytest.raises(SystemExit):
+        cli.main(["complete", "Hi", "--backend", "cuda"])
