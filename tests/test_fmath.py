@@ -63,7 +63,7 @@ def test_within_one_ulp_of_the_correctly_rounded_result(name):
     apart = ulps_apart(ours[finite], exact[finite])
     assert apart.max() <= 1, xs[finite][apart > 1][:5]
     print(f"{name}: {len(apart)} finite points, max {apart.max()} ulp, {100 * (apart == 0).mean():.2f}% correctly rounded")
-    assert (apart == 0).mean() > 0.9                              # measured: exp 93%, log 99.9%
+    assert (apart == 0).mean() > 0.9                              # measured: exp 93.3%, log 98.5%
     assert np.array_equal(ours[~finite], exact[~finite])          # underflow to 0 where exact is 0
 
 
