@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     from refcomplete import compare, export_gguf, golden, server  # serve, golden, compare, export
     for module in (server, golden, compare, export_gguf):
         module.add_subcommand(sub)
+    from refcomplete import batch; batch.add_subcommand(sub)  # noqa: E702  refcomplete batch
     return ap
 
 

@@ -1,0 +1,358 @@
+"""`refcomplete batch INPUT.jsonl --out OUTPUT.jsonl`: OpenAI Batch files, run locally.
+
+Knows: the Batch line formats, resuming, ordering, local worker processes, the progress
+bar. Does not know: anything create() does (each body goes to Completions.create as it
+is), nor Ray (batch_ray.py).
+
+    refcomplete batch requests.jsonl --out results.jsonl               # one process
+    refcomplete batch requests.jsonl --out results.jsonl --workers 2   # 2 local processes
+    refcomplete batch requests.jsonl --out results.jsonl --ray auto    # an existing Ray cluster
+
+An input line is OpenAI's request input object
+`{"custom_id": "r1", "method": "POST", "url": "/v1/completions", "body": {...}}`; an
+output line is OpenAI's request output object
+`{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`, one per
+non-blank input line, in input order. OpenAI: "a request that fails with an HTTP error
+has a `response` with that status and the error body"; so a body that create() refuses
+is `response.status_code` 400 (or 404 for an unknown model) with OpenAI's error body and
+`error: null`. A line that is not a request at all (bad JSON, a missing field, a
+duplicate custom_id, an unsupported method or url) has `response: null` and
+`error: {"code", "message", "line", "param"}` (OpenAI's batch error shape). A body with
+`stream: true` is refused with a 400 (a batch has no stream to send).
+
+Resuming: the output is appended to. On start a trailing partial line is cut off, the
+custom_ids already written are skipped (the k-th occurrence of an id is skipped when
+the output has k or more lines for it; lines without a usable custom_id by their line
+number), and every result is written with one write of a whole line. A kill loses at
+most the lines in flight. Bits do not depend on the process or the machine, so one
+process, `--workers N` and Ray write the same bytes apart from `id`, `created` and
+`request_id` (and seeds that create() draws fresh when a body gives none, as OpenAI does).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import secrets
+import sys
+import threading
+import time
+from typing import Iterable, Iterator, NamedTuple
+
+from refcomplete.errors import CompletionError, InvalidRequestError
+
+URL = "/v1/completions"
+THREAD_VARS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+_SERVER_ERROR = {"error": {"message": "The server had an error while processing your request.",
+                           "type": "server_error", "param": None, "code": None}}
+
+
+class Item(NamedTuple):
+    """One input line: `body` to send to create(), or `ready` (status, body, error) when the
+    line is answered without it. `key` is what resuming matches on."""
+
+    line: int
+    custom_id: str | None
+    body: dict | None
+    ready: tuple | None
+
+
+def line_error(n: int, custom_id, code: str, message: str, param: str | None = None) -> Item:
+    return Item(n, custom_id, None, (None, None, {"code": code, "message": message,
+                                                  "line": n, "param": param}))
+
+
+def parse_line(n: int, raw: bytes, seen: set) -> Item:
+    """The Item for input line `n` (1-based); `seen` holds the custom_ids met so far."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):
+        return line_error(n, None, "invalid_json_line", f"Line {n} is not valid JSON.")
+    if not isinstance(obj, dict):
+        return line_error(n, None, "invalid_json_line", f"Line {n} is not a JSON object.")
+    cid = obj.get("custom_id")
+    if not isinstance(cid, str):
+        return line_error(n, None, "missing_required_parameter",
+                          f"Line {n} has no custom_id string.", "custom_id")
+    if cid in seen:
+        return line_error(n, cid, "duplicate_custom_id",
+                          f"The custom_id {cid[:200]!r} of line {n} was used on an earlier "
+                          "line; each must be unique.", "custom_id")
+    seen.add(cid)
+    if obj.get("method") != "POST":
+        return line_error(n, cid, "invalid_method", "Only POST is supported.", "method")
+    if obj.get("url") != URL:
+        url = obj.get("url")
+        return line_error(n, cid, "invalid_url", f"The url {str(url)[:200]!r} is not "
+                          f"supported; the supported url is {URL!r}.", "url")
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        return line_error(n, cid, "missing_required_parameter",
+                          f"Line {n} has no body object.", "body")
+    if body.get("stream") is True:
+        refusal = InvalidRequestError("Streaming is not supported in a batch: set `stream` "
+                                      "to false or leave it out.", param="stream")
+        return Item(n, cid, None, (refusal.status, refusal.to_dict(), None))
+    return Item(n, cid, body, None)
+
+
+def answer(completions, body: dict) -> tuple:
+    """(status, response body, error) for one request body, as the server would answer."""
+    try:
+        return 200, completions.create(**body), None
+    except CompletionError as exc:
+        return exc.status, exc.to_dict(), None
+    except Exception:   # a bug, not a bad request: OpenAI's 500, and the run goes on
+        import logging
+        logging.getLogger("refcomplete.batch").exception("unexpected error in a batch line")
+        return 500, _SERVER_ERROR, None
+
+
+def output_line(item: Item, result: tuple) -> bytes:
+    """The output object for `item`, as one JSON line (ASCII, newline-terminated)."""
+    status, body, error = result
+    response = None if status is None else {"status_code": status,
+                                            "request_id": secrets.token_hex(16), "body": body}
+    obj = {"id": "batch_req_" + secrets.token_hex(12), "custom_id": item.custom_id,
+           "response": response, "error": error}
+    return (json.dumps(obj) + "\n").encode("ascii")
+
+
+# --- resuming ---------------------------------------------------------------------------
+
+def recover(path: str) -> tuple[collections.Counter, set, int]:
+    """Cut a trailing partial line off `path`, then return (lines per custom_id, line
+    numbers of the written errors that have no custom_id, lines written)."""
+    done: collections.Counter = collections.Counter()
+    keyless: set = set()
+    if not os.path.exists(path):
+        return done, keyless, 0
+    written = end = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break                   # a line cut by a kill: dropped below
+            end += len(raw)
+            written += 1
+            try:
+                obj = json.loads(raw)
+                cid = obj["custom_id"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise SystemExit(f"refcomplete batch: line {written} of {path} is not a batch "
+                                 "output line; is --out the right file?") from exc
+            if isinstance(cid, str):
+                done[cid] += 1
+            elif obj.get("error"):
+                keyless.add(obj["error"].get("line"))
+    if os.path.getsize(path) > end:
+        os.truncate(path, end)
+    return done, keyless, written
+
+
+def count_lines(path: str) -> int:
+    """The number of non-blank lines of `path` (the progress bar's total)."""
+    with open(path, "rb") as f:
+        return sum(1 for raw in f if raw.strip())
+
+
+def read_items(path: str, done: collections.Counter, keyless: set) -> Iterator[Item]:
+    """The Items still to answer, in input order, read lazily."""
+    seen: set = set()
+    met: collections.Counter = collections.Counter()
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            item = parse_line(n, raw, seen)
+            if item.custom_id is None:
+                if n in keyless:
+                    continue
+            else:
+                met[item.custom_id] += 1
+                if met[item.custom_id] <= done[item.custom_id]:
+                    continue
+            yield item
+
+
+# --- executors: each yields (item, result) in input order --------------------------------
+
+_worker_completions = None   # one per worker process, set by _pool_init
+
+
+def run_serial(items: Iterable[Item], completions) -> Iterator[tuple]:
+    for item in items:
+        yield item, item.ready or answer(completions, item.body)
+
+
+def _pool_init(parent: int, backend: str | None) -> None:
+    """In each worker: one Completions (models load once, on first use), and an exit when
+    the parent dies (a killed run must not leave workers behind)."""
+    import functools
+
+    from refcomplete.completions import Completions, registry_loader
+    global _worker_completions
+    _worker_completions = Completions(functools.partial(registry_loader, backend=backend))
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _pool_answer(body: dict) -> tuple:
+    return answer(_worker_completions, body)
+
+
+def thread_env(workers: int) -> dict:
+    """Thread-pool sizes for one of `workers` processes sharing this machine's cores (only
+    those the user has not set): one threading owner per core, never oversubscribed."""
+    per = str(max(1, (os.cpu_count() or 1) // workers))
+    return {k: per for k in THREAD_VARS if k not in os.environ}
+
+
+def run_pool(items: Iterable[Item], workers: int, backend: str | None,
+             window: int | None = None) -> Iterator[tuple]:
+    """`workers` spawned processes; at most `window` results held back waiting for an earlier
+    line, so memory stays bounded however long the input."""
+    import multiprocessing
+
+    window = window or 4 * workers
+    env = thread_env(workers)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:   # Pool starts its processes now, so they inherit `env`
+        pool = multiprocessing.get_context("spawn").Pool(
+            workers, initializer=_pool_init, initargs=(os.getpid(), backend))
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    pending: collections.deque = collections.deque()
+    try:
+        for item in items:
+            pending.append((item, None if item.ready else pool.apply_async(_pool_answer,
+                                                                           (item.body,))))
+            while pending and (len(pending) > window or pending[0][1] is None
+                               or pending[0][1].ready()):
+                head, handle = pending.popleft()
+                yield head, head.ready or handle.get()
+        while pending:
+            head, handle = pending.popleft()
+            yield head, head.ready or handle.get()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+# --- the run ----------------------------------------------------------------------------
+
+class Progress:
+    """A progress bar on stderr: redrawn in place on a terminal, a line every 10 s otherwise."""
+
+    def __init__(self, total: int, done: int, enabled: bool = True, stream=None):
+        self.stream = stream or sys.stderr
+        self.total, self.done, self.start_done = total, done, done
+        self.enabled = enabled
+        self.tty = enabled and self.stream.isatty()
+        self.t0 = self.last = time.monotonic()
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and now - self.last >= (0.2 if self.tty else 10.0):
+            self.last = now
+            self._draw(now)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._draw(time.monotonic(), final=True)
+
+    def _draw(self, now: float, final: bool = False) -> None:
+        frac = self.done / self.total if self.total else 1.0
+        bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
+        rate = (self.done - self.start_done) / max(now - self.t0, 1e-9)
+        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta = "" if final or left == float("inf") else f" eta {int(left // 60)}m{int(left % 60):02d}s"
+        text = f"batch [{bar}] {self.done}/{self.total} lines {rate:.2f}/s{eta}"
+        end = "\n" if final or not self.tty else ""
+        self.stream.write(("\r" + text + "\x1b[K" if self.tty else text) + end)
+        self.stream.flush()
+
+
+def run(input_path: str, out_path: str, workers: int = 1, ray_address: str | None = None,
+        backend: str | None = None, progress: bool = True, chunk_size: int = 8,
+        completions=None) -> dict:
+    """Answer every line of `input_path` not yet in `out_path`; returns counts.
+
+    ray_address: None for local processes; "auto", "local" or an address for Ray.
+    completions: the endpoint for one process (default: a Completions on the registry).
+    """
+    done, keyless, written = recover(out_path)
+    total = count_lines(input_path)
+    items = read_items(input_path, done, keyless)
+    bar = Progress(total, min(written, total), progress)
+    if ray_address is not None:
+        from refcomplete import batch_ray
+        results = batch_ray.run_ray(items, ray_address, workers, backend, chunk_size)
+    elif workers > 1:
+        results = run_pool(items, workers, backend)
+    else:
+        if completions is None:
+            import functools
+
+            from refcomplete.completions import Completions, registry_loader
+            completions = Completions(functools.partial(registry_loader, backend=backend))
+        results = run_serial(items, completions)
+    counts = collections.Counter(skipped=min(written, total))
+    fd = os.open(out_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        for item, result in results:
+            _write_all(fd, output_line(item, result))
+            counts["ok" if result[0] == 200 else "failed"] += 1
+            bar.step()
+    finally:
+        results.close()       # stops the workers or actors
+        os.close(fd)
+        bar.close()
+    return dict(counts)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """One write of a whole line (O_APPEND, unbuffered); a short write is finished off."""
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def add_subcommand(subparsers) -> None:
+    """Register `refcomplete batch` on the CLI's subparsers."""
+    p = subparsers.add_parser("batch", help="run an OpenAI Batch file (JSONL) of completions")
+    p.add_argument("input", help="JSONL of {custom_id, method, url, body} lines")
+    p.add_argument("--out", required=True,
+                   help="JSONL of results; appended to, so a rerun resumes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="local processes (default 1); with --ray, actors (default: the "
+                        "cluster's CPUs)")
+    p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster (default address: auto; 'local' starts one)")
+    p.add_argument("--chunk-size", type=int, default=8, help="lines per Ray task")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    from refcomplete.server import add_backend_flag
+    add_backend_flag(p)
+    p.set_defaults(handler=_run)
+
+
+def _run(args) -> int:
+    if not os.path.isfile(args.input):
+        print(f"refcomplete batch: no input file {args.input}", file=sys.stderr)
+        return 2
+    if args.workers is not None and args.workers < 1 or args.chunk_size < 1:
+        print("refcomplete batch: --workers and --chunk-size must be at least 1",
+              file=sys.stderr)
+        return 2
+    workers = args.workers or (0 if args.ray is not None else 1)
+    counts = run(args.input, args.out, workers, args.ray, getattr(args, "backend", None),
+                 not args.no_progress, args.chunk_size)
+    print(f"{counts.get('ok', 0)} answered, {counts.get('failed', 0)} errors, "
+          f"{counts.get('skipped', 0)} already in {args.out}", file=sys.stderr)
+    return 0
