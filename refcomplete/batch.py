@@ -251,7 +251,7 @@ class Progress:
     """A progress bar on stderr: redrawn in place on a terminal, a line every 10 s otherwise."""
 
     def __init__(self, total: int, done: int, enabled: bool = True, stream=None):
-        self.stream = stream or sys.stderr
+        self.stream = stream if stream is not None else sys.stderr
         self.total, self.done, self.start_done = total, done, done
         self.enabled = enabled
         self.tty = enabled and self.stream.isatty()
