@@ -48,6 +48,10 @@ _SERVER_ERROR = {"error": {"message": "The server had an error while processing 
                            "type": "server_error", "param": None, "code": None}}
 
 
+class BatchFileError(ValueError):
+    """The --out file is not a batch output file (so it is neither resumed nor appended to)."""
+
+
 class Item(NamedTuple):
     """One input line: `body` to send to create(), or `ready` (status, body, error) when the
     line is answered without it. `key` is what resuming matches on."""
@@ -139,8 +143,8 @@ def recover(path: str) -> tuple[collections.Counter, set, int]:
                 obj = json.loads(raw)
                 cid = obj["custom_id"]
             except (ValueError, KeyError, TypeError) as exc:
-                raise SystemExit(f"refcomplete batch: line {written} of {path} is not a batch "
-                                 "output line; is --out the right file?") from exc
+                raise BatchFileError(f"line {written} of {path} is not a batch output line; "
+                                     "is --out the right file?") from exc
             if isinstance(cid, str):
                 done[cid] += 1
             elif obj.get("error"):
@@ -215,34 +219,36 @@ def thread_env(workers: int) -> dict:
 def run_pool(items: Iterable[Item], workers: int, backend: str | None,
              window: int | None = None) -> Iterator[tuple]:
     """`workers` spawned processes; at most `window` results held back waiting for an earlier
-    line, so memory stays bounded however long the input."""
+    line, so memory stays bounded however long the input. A worker that dies stops the run
+    (BrokenProcessPool) with every line before it written: rerun to resume."""
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     window = window or 4 * workers
     env = thread_env(workers)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    try:   # Pool starts its processes now, so they inherit `env`
-        pool = multiprocessing.get_context("spawn").Pool(
-            workers, initializer=_pool_init, initargs=(os.getpid(), backend))
+    try:   # processes start on these first submits, so they inherit `env`
+        pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
+                                   initializer=_pool_init, initargs=(os.getpid(), backend))
+        for _ in range(workers):
+            pool.submit(os.getpid)
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     pending: collections.deque = collections.deque()
     try:
         for item in items:
-            pending.append((item, None if item.ready else pool.apply_async(_pool_answer,
-                                                                           (item.body,))))
+            pending.append((item, None if item.ready else pool.submit(_pool_answer, item.body)))
             while pending and (len(pending) > window or pending[0][1] is None
-                               or pending[0][1].ready()):
-                head, handle = pending.popleft()
-                yield head, head.ready or handle.get()
+                               or pending[0][1].done()):
+                head, future = pending.popleft()
+                yield head, head.ready or future.result()
         while pending:
-            head, handle = pending.popleft()
-            yield head, head.ready or handle.get()
+            head, future = pending.popleft()
+            yield head, head.ready or future.result()
     finally:
-        pool.terminate()
-        pool.join()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --- the run ----------------------------------------------------------------------------
@@ -350,9 +356,16 @@ def _run(args) -> int:
         print("refcomplete batch: --workers and --chunk-size must be at least 1",
               file=sys.stderr)
         return 2
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        print(f"refcomplete batch: no directory for {args.out}", file=sys.stderr)
+        return 2
     workers = args.workers or (0 if args.ray is not None else 1)
-    counts = run(args.input, args.out, workers, args.ray, getattr(args, "backend", None),
-                 not args.no_progress, args.chunk_size)
+    try:
+        counts = run(args.input, args.out, workers, args.ray, getattr(args, "backend", None),
+                     not args.no_progress, args.chunk_size)
+    except BatchFileError as exc:
+        print(f"refcomplete batch: {exc}", file=sys.stderr)
+        return 2
     print(f"{counts.get('ok', 0)} answered, {counts.get('failed', 0)} errors, "
           f"{counts.get('skipped', 0)} already in {args.out}", file=sys.stderr)
     return 0

@@ -60,7 +60,11 @@ def run_ray(items: Iterable[Item], address: str, actors: int, backend: str | Non
         raise SystemExit("refcomplete batch --ray needs Ray: pip install 'refcomplete[ray]'") \
             from exc
     if not ray.is_initialized():
-        ray.init(address=None if address == "local" else address, log_to_driver=False)
+        try:
+            ray.init(address=None if address == "local" else address, log_to_driver=False)
+        except ConnectionError as exc:
+            raise SystemExit(f"refcomplete batch: no Ray cluster at {address!r} ({exc}); "
+                             "start one (`ray start --head`) or use --ray local") from exc
     actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
     env = {name: "1" for name in THREAD_VARS}   # one core per actor (num_cpus=1)
     cls = ray.remote(num_cpus=1)(BatchActor)

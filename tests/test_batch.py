@@ -129,8 +129,11 @@ def test_not_an_output_file_is_refused(tmp_path, endpoint):
     src = write(tmp_path / "in.jsonl", reproducible(1))
     out = tmp_path / "out.jsonl"
     out.write_text("hello\n")
-    with pytest.raises(SystemExit, match="not a batch output line"):
+    with pytest.raises(batch.BatchFileError, match="not a batch output line"):
         batch.run(str(src), str(out), progress=False, completions=endpoint)
+    assert out.read_text() == "hello\n"
+    assert main(["batch", str(src), "--out", str(out)]) == 2
+    assert main(["batch", str(src), "--out", str(tmp_path / "no" / "dir.jsonl")]) == 2
 
 
 def test_workers_write_the_same_bytes_in_input_order(tmp_path, endpoint):
@@ -193,6 +196,30 @@ def test_a_killed_run_resumes_to_the_uninterrupted_output(tmp_path, endpoint, wo
     ref = tmp_path / "ref.jsonl"
     batch.run(str(src), str(ref), progress=False, completions=endpoint)
     assert out.read_bytes().startswith(written.rsplit(b"\n", 1)[0])
+    assert same_bytes(out.read_bytes()) == same_bytes(ref.read_bytes())
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the workers")
+def test_a_dead_worker_stops_the_run_and_it_resumes(tmp_path, endpoint):
+    """A worker killed mid-run is an error that ends the run (not a hang); a rerun finishes."""
+    n = 24
+    src = write(tmp_path / "in.jsonl", reproducible(n, max_tokens=12))
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "refcomplete.cli", "batch", str(src), "--out", str(out),
+           "--no-progress", "--workers", "2"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    while not (out.exists() and out.read_bytes().count(b"\n") >= 2):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.02)
+    workers = [k for k in _children(proc.pid) if b"resource_tracker" not in
+               open(f"/proc/{k}/cmdline", "rb").read()]
+    os.kill(workers[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and b"BrokenProcessPool" in err
+    assert out.read_bytes().count(b"\n") < n
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    ref = tmp_path / "ref.jsonl"
+    batch.run(str(src), str(ref), progress=False, completions=endpoint)
     assert same_bytes(out.read_bytes()) == same_bytes(ref.read_bytes())
 
 
