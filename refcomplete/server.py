@@ -23,10 +23,13 @@ limit), 421 (a Host header not allowed: guards.py), 500 `server_error` (a fault 
 logged, never detailed to the client).
 Only the models named at start are served: a request's `model` is a key into that
 mapping, never a path, so no request makes the server open a file. Generation runs
-in worker threads, one model call at a time (a lock: two CPU cores gain nothing from
-overlapping forwards); a stream advances one chunk per thread hop, so a client that
-disconnects stops its generation at the next chunk; a non-streamed request checks before
-each forward that its client is still there.
+in worker threads. Batched (the default of `serve`): requests run concurrently and every
+forward of a GPT-2 model goes to its batching.BatchingModel, whose scheduler thread steps
+the rows of all open requests together (the same bits as alone: batching.py). Serial
+(`serve --serial`, and Endpoint's default): one request's model call at a time, under a
+lock. A stream advances one chunk per thread hop, so a client that disconnects stops its
+generation at the next chunk; a non-streamed request checks before each forward that its
+client is still there.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import logging
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
@@ -100,10 +104,21 @@ class Endpoint:
     limits: the library's bounds on one request (params.Limits: prompts, prompt length,
     total work; each breach a 400). hosts: the Host headers answered (guards.HostPolicy;
     None: any, as for the in-process client, which has no network to be reached over).
+    serial: one model call at a time, under `self.lock` (the default); False: requests run
+    concurrently, and each GPT-2 model (one with `_layers`: runtime.GPT2Model) is wrapped in
+    a batching.BatchingModel of `max_batch_rows` pool slots (None: its default), which
+    batches the decode steps of all requests; any other model still runs under the lock.
     """
 
     def __init__(self, models: Mapping, api_key: str | None = None, max_body: int = MAX_BODY,
-                 limits: Limits = DEFAULT_LIMITS, hosts: HostPolicy | None = None):
+                 limits: Limits = DEFAULT_LIMITS, hosts: HostPolicy | None = None,
+                 serial: bool = True, max_batch_rows: int | None = None):
+        self.serial = serial
+        self.batched = set() if serial else {n for n, m in models.items() if hasattr(m, "_layers")}
+        if self.batched:
+            from refcomplete.batching import BatchingModel
+            models = {n: BatchingModel(m, max_batch_rows) if n in self.batched else m
+                      for n, m in models.items()}
         self.models = dict(models)
         self.api = Completions(self.models, limits=limits)
         self.limits = limits
@@ -219,8 +234,10 @@ class Endpoint:
         if gone is not None and not request.get("stream"):
             api = Completions({n: Watched(m, gone) for n, m in self.models.items()},
                               limits=self.limits)
+        name = request.get("model")
+        lock = nullcontext() if isinstance(name, str) and name in self.batched else self.lock
         try:
-            with self.lock:
+            with lock:
                 result = api.create(**request)
         except CompletionError as exc:
             return HTTPResponse(exc.status, body=json.dumps(exc.to_dict()).encode())
@@ -230,13 +247,15 @@ class Endpoint:
         if not request.get("stream"):
             return _json(200, result)
         return HTTPResponse(200, {"content-type": "text/event-stream", "cache-control": "no-cache"},
-                            stream=self._sse(result))
+                            stream=self._sse(result, lock))
 
-    def _sse(self, chunks: Iterator[dict]) -> Iterator[bytes]:
-        """SSE frames, computing each chunk under the lock; closing this stops generation."""
+    def _sse(self, chunks: Iterator[dict], lock=None) -> Iterator[bytes]:
+        """SSE frames, computing each chunk under `lock` (the serial mode's; a batched model
+        needs none); closing this stops generation."""
+        lock = self.lock if lock is None else lock
         try:
             while True:
-                with self.lock:
+                with lock:
                     chunk = next(chunks, None)
                 if chunk is None:
                     break
@@ -363,30 +382,35 @@ class _Disconnected(Exception):
 
 def load_endpoint(models: list[str], api_key: str | None = None, max_body: int = MAX_BODY,
                   limits: Limits = DEFAULT_LIMITS, hosts: HostPolicy | None = None,
-                  backend: str | None = None) -> Endpoint:
+                  backend: str | None = None, serial: bool = False,
+                  max_batch_rows: int | None = None) -> Endpoint:
     """Load each model once (through the registry, on `backend`: "numba" or "numpy", the
     same bits). A spec is `NAME` (served as NAME) or `NAME=WHERE` (the model at WHERE, a
-    registry name or directory, served as NAME)."""
+    registry name or directory, served as NAME). Batched unless `serial` (Endpoint)."""
     from refcomplete.registry import load_model
 
     pairs = [spec.split("=", 1) if "=" in spec else (spec, spec) for spec in models]
     return Endpoint({name: load_model(where, backend) for name, where in pairs}, api_key=api_key,
-                    max_body=max_body, limits=limits, hosts=hosts)
+                    max_body=max_body, limits=limits, hosts=hosts, serial=serial,
+                    max_batch_rows=max_batch_rows)
 
 
 def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, log_level: str = "info", max_body: int = MAX_BODY,
           limits: Limits = DEFAULT_LIMITS, body_timeout: float = BODY_TIMEOUT,
           shutdown_timeout: int = SHUTDOWN_TIMEOUT, allowed_hosts: tuple[str, ...] = (),
-          backend: str | None = None) -> None:
+          backend: str | None = None, serial: bool = False,
+          max_batch_rows: int | None = None) -> None:
     """Load the models, then run uvicorn until interrupted (SIGINT, SIGTERM: requests in
     flight get `shutdown_timeout` seconds to finish, then are cut). Only the Hosts of
     `guards.HostPolicy.for_server(host, allowed_hosts)` are answered. uvicorn runs its h11
-    protocol (guards.h11_protocol: an over-long Content-Length is our 413)."""
+    protocol (guards.h11_protocol: an over-long Content-Length is our 413). Requests are
+    batched (batching.py) unless `serial`."""
     import uvicorn
 
     endpoint = load_endpoint(models, api_key, max_body, limits,
-                             HostPolicy.for_server(host, allowed_hosts), backend)
+                             HostPolicy.for_server(host, allowed_hosts), backend, serial,
+                             max_batch_rows)
     big = too_large(max_body)
     uvicorn.run(create_app(endpoint, body_timeout), host=host, port=port, log_level=log_level,
                 access_log=False, timeout_graceful_shutdown=shutdown_timeout,
@@ -435,6 +459,13 @@ def add_subcommand(subparsers) -> None:
                    "address; any other Host is a 421")
     p.add_argument("--log-level", default="info")
     add_backend_flag(p)
+    p.add_argument("--serial", action="store_true",
+                   help="run one request's model call at a time, as before batching (for "
+                   "comparison; the same bytes either way)")
+    p.add_argument("--max-batch-rows", type=_positive(int), default=None, metavar="N",
+                   help="KV-cache row slots of the batch pool, per model (default 64, fewer "
+                   "where the pool would exceed 1 GiB); a request that finds too few free "
+                   "runs alone, unbatched")
     p.add_argument("--max-body", type=_positive(int), default=MAX_BODY, metavar="BYTES",
                    help=f"the largest request body; larger is a 413 (default {MAX_BODY})")
     p.add_argument("--body-timeout", type=_positive(float), default=BODY_TIMEOUT,
@@ -460,7 +491,7 @@ def _run(args) -> int:
     try:
         serve(args.models or [DEFAULT_MODEL], args.host, args.port, args.api_key,
               args.log_level, args.max_body, limits, args.body_timeout, args.shutdown_timeout,
-              tuple(args.allowed_hosts), args.backend)
+              tuple(args.allowed_hosts), args.backend, args.serial, args.max_batch_rows)
     except ModelNotFound as exc:
         print(f"error: {exc}")
         return 2

@@ -1,0 +1,304 @@
+"""Cross-request batching: the prefills and decode steps of every open session, in one
+forward per round.
+
+Knows: GPT2Model's forward pieces (_embed, _layers, _head), a pool of KV-cache row slots,
+one scheduler thread that runs every forward. Does not know: requests, sampling, HTTP
+(server.py runs concurrent requests through it; decode.py is unchanged).
+
+    batched = BatchingModel(load_model("gpt2-tiny-shakespeare"), max_rows=64)
+    sess = batched.session(prompt_ids, rows=2, max_new_tokens=8)   # lm.LanguageModel
+    sess.prefill()                     # queued: the prompt, into two pool slots
+    sess.step([0, 1], [11, 42])        # queued: joins the next batched forward
+
+Dimensions: R = pool slots, L = layers, H = heads, D = head size, S = n_ctx, N = rows of
+one batched forward, T = prompt length.
+
+Why no bit changes (SEMANTICS 4). Every kernel computes each row with a reduction order
+that depends only on that row, and attention runs over positions strictly in order: the
+shared prefix first, then the row's own entries. A pool slot holds its row's prompt keys
+and values at entries 0..T-1 and its generated ones after them, and is attended with no
+shared prefix (n_pre = 0): the same positions in the same order as runtime.Session's
+prompt prefix + row cache, so each row's logits are those of a session stepped alone,
+whichever rows share the forward. A prompt goes in as runtime.Session.prefill sends it:
+T rows of one sequence (here: of its first slot) at positions 0..T-1, with no prefix; in a
+batched forward these rows sit beside other sessions' rows, which changes none of their
+bits either; its keys and values are then copied to the session's other slots.
+tests/test_batching.py pins all of this bit for bit.
+
+Threads. Every forward runs on the scheduler thread, under one process-wide lock, so
+Numba's parallel regions are never entered from two threads at once. A request thread
+queues its job and waits. Before a batched forward the scheduler waits until every
+session holding slots has queued its prefill or step, or `window` seconds have passed (a
+stream whose reader stalls, or a finished session not yet collected, delays the others by
+at most that). One forward takes every queued step and prompts up to `prefill_tokens`.
+
+Memory. The pool is allocated once (np.empty: pages are resident only once written; the
+lowest free slots are used first, so the resident part follows the peak number of rows).
+A session that finds too few free slots is not made to wait (its request thread would
+hold a worker that the streams holding slots need): it runs "solo", on its own
+runtime.Session, its forwards queued to the same thread and never batched. Slots return
+to the pool when the session is collected (weakref.finalize: a finished generator, a
+closed stream, a ClientGone raised in a Watched session).
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+import time
+import weakref
+from collections import deque
+
+import numpy as np
+
+FORWARD_LOCK = threading.Lock()   # one forward at a time in this process, whichever model
+DEFAULT_MAX_ROWS = 64
+POOL_BYTES = 1 << 30              # the default max_rows keeps the pool under this
+WINDOW = 0.004                    # seconds a batched forward waits for the sessions' work
+PREFILL_TOKENS = 512              # prompt tokens one batched forward takes (at least 1 prompt)
+
+
+def default_max_rows(model, budget: int = POOL_BYTES) -> int:
+    """DEFAULT_MAX_ROWS, or fewer so that the pool's caches fit in `budget` bytes."""
+    cfg = model.config
+    per_row = 2 * cfg.n_layer * cfg.n_embd * model.n_ctx * 4     # keys + values, float32
+    return max(1, min(DEFAULT_MAX_ROWS, budget // per_row))
+
+
+class _Job:
+    """One piece of work a request thread waits for: its result or its exception. A job
+    with `fn` runs alone; a "prefill" or "step" job joins the next batched forward."""
+
+    __slots__ = ("fn", "args", "kind", "prompt", "slots", "tokens", "all_positions",
+                 "done", "value", "error")
+
+    def __init__(self, fn=None, args=(), kind=None, prompt=None, slots=None, tokens=None,
+                 all_positions=False):
+        self.fn, self.args, self.kind = fn, args, kind
+        self.prompt, self.slots, self.tokens, self.all_positions = prompt, slots, tokens, all_positions
+        self.done = threading.Event()
+        self.value = self.error = None
+
+    def wait(self):
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+    def finish(self, value=None, error=None) -> None:
+        self.value, self.error = value, error
+        self.done.set()
+
+
+class BatchingModel:
+    """A GPT2Model (refcomplete.runtime) whose sessions' prefills and steps are batched
+    across sessions and threads; the same lm.LanguageModel interface and the same bits."""
+
+    def __init__(self, model, max_rows: int | None = None, window: float = WINDOW,
+                 prefill_tokens: int = PREFILL_TOKENS):
+        self._model = model
+        cfg = model.config
+        R = max_rows or default_max_rows(model)
+        L, H, D, S = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, model.n_ctx
+        self.max_rows, self.window, self.prefill_tokens = R, window, prefill_tokens
+        self._k = [np.empty((R, H, D, S), np.float32) for _ in range(L)]   # L x [R, H, D, S]
+        self._v = [np.empty((R, H, S, D), np.float32) for _ in range(L)]   # L x [R, H, S, D]
+        self._k_none = [np.zeros((H, D, 0), np.float32)] * L               # no shared prefix
+        self._v_none = [np.zeros((H, 0, D), np.float32)] * L
+        self._n = np.zeros(R, np.int64)                  # [R] filled entries of each slot
+        self._free = list(range(R))                      # a heap: lowest slots first
+        self._holders = 0                                # sessions holding slots
+        self._cond = threading.Condition()
+        self._calls: deque[_Job] = deque()               # forwards run alone, in order
+        self._work: list[_Job] = []                      # prefills and steps of pool sessions
+        self.stats = {"forwards": 0, "rows": 0, "prefills": 0, "solo": 0}
+        self._thread = threading.Thread(target=self._serve, name="refcomplete-batching",
+                                        daemon=True)
+        self._thread.start()
+
+    def __getattr__(self, name):        # name, n_vocab, n_ctx, eot_id, tokenizer, ops, ...
+        return getattr(self._model, name)
+
+    # -- the LanguageModel interface --------------------------------------------------------
+
+    def session(self, prompt, rows: int, max_new_tokens: int) -> "BatchedSession":
+        if len(prompt) == 0 or len(prompt) + max_new_tokens > self.n_ctx:
+            raise ValueError(f"prompt of {len(prompt)} tokens + {max_new_tokens} new exceeds "
+                             f"n_ctx {self.n_ctx}")
+        return BatchedSession(self, np.asarray(prompt, dtype=np.int64), rows, max_new_tokens)
+
+    def logits(self, ids) -> np.ndarray:
+        return self._call(self._model.logits, ids)
+
+    # -- slots ------------------------------------------------------------------------------
+
+    def _take(self, rows: int):
+        """`rows` free slots (lowest first), or None when there are not enough now."""
+        with self._cond:
+            if rows > len(self._free):
+                return None
+            self._holders += 1
+            return np.array([heapq.heappop(self._free) for _ in range(rows)], np.int64)
+
+    def _give(self, slots) -> None:
+        with self._cond:
+            for s in slots:
+                heapq.heappush(self._free, int(s))
+            self._holders -= 1
+            self._cond.notify_all()       # a forward may be waiting for this session
+
+    # -- request threads --------------------------------------------------------------------
+
+    def _submit(self, job: _Job, alone: bool):
+        with self._cond:
+            (self._calls if alone else self._work).append(job)
+            self._cond.notify_all()
+        return job.wait()
+
+    def _call(self, fn, *args):
+        """Run fn(*args) on the scheduler thread, alone; return its result."""
+        return self._submit(_Job(fn, args), alone=True)
+
+    def _prefill(self, prompt: np.ndarray, slots: np.ndarray, all_positions: bool) -> np.ndarray:
+        """Prefill `prompt` into slots (in the next batched forward); [T or 1, V] logits."""
+        return self._submit(_Job(kind="prefill", prompt=prompt, slots=slots,
+                                 all_positions=all_positions), alone=False)
+
+    def _step(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """Append tokens[i] to slot slots[i] in the next batched forward; [B, V] logits."""
+        return self._submit(_Job(kind="step", slots=slots, tokens=tokens), alone=False)
+
+    # -- the scheduler thread ---------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                while not self._calls and not self._work:
+                    self._cond.wait()
+                if self._calls:
+                    job, batch = self._calls.popleft(), None
+                else:
+                    job, deadline = None, time.monotonic() + self.window
+                    while (len(self._work) < self._holders and not self._calls
+                           and (left := deadline - time.monotonic()) > 0):
+                        self._cond.wait(left)
+                    batch, self._work = self._take_batch(self._work)
+            if job is not None:
+                try:
+                    with FORWARD_LOCK:
+                        value = job.fn(*job.args)
+                except BaseException as exc:  # handed to the waiting thread; this one lives on
+                    job.finish(error=exc)
+                else:
+                    job.finish(value)
+            else:
+                self._batched(batch)
+
+    def _take_batch(self, work: list[_Job]) -> tuple[list[_Job], list[_Job]]:
+        """(this forward's jobs, the rest): every step, and prefills in order while their
+        prompts total at most prefill_tokens (at least one)."""
+        batch, rest, budget = [], [], self.prefill_tokens
+        for job in work:
+            if job.kind == "prefill":
+                if budget < len(job.prompt) and budget < self.prefill_tokens:
+                    rest.append(job)
+                    continue
+                budget -= len(job.prompt)
+            batch.append(job)
+        return batch, rest
+
+    def _batched(self, batch: list[_Job]) -> None:
+        """One forward over the batch; if it fails, each job alone, so that the error
+        reaches only the job it belongs to (a re-run writes the same cache entries)."""
+        try:
+            with FORWARD_LOCK:
+                values = self._forward(batch)
+        except BaseException as exc:
+            if len(batch) == 1:
+                batch[0].finish(error=exc)
+                return
+            for job in batch:
+                self._batched([job])
+            return
+        for job, value in zip(batch, values):
+            job.finish(value)
+
+    def _forward(self, batch: list[_Job]) -> list[np.ndarray]:
+        """Prompts (T rows of one slot each: runtime.Session.prefill's rows) and steps (one
+        row per slot) through the layers as one batch, each row attending over its own slot
+        only (n_pre = 0); the LM head over the rows whose logits are asked for."""
+        m = self._model
+        rows, pos, tokens, head = [], [], [], []
+        i = 0
+        for job in batch:
+            if job.kind == "prefill":
+                T = len(job.prompt)
+                rows.append(np.full(T, job.slots[0], np.int64))
+                pos.append(np.arange(T))
+                tokens.append(job.prompt)
+                head.append(np.arange(i if job.all_positions else i + T - 1, i + T))
+                i += T
+            else:
+                B = len(job.slots)
+                rows.append(job.slots)
+                pos.append(self._n[job.slots])
+                tokens.append(job.tokens)
+                head.append(np.arange(i, i + B))
+                i += B
+        rows, pos, tokens = np.concatenate(rows), np.concatenate(pos), np.concatenate(tokens)
+        x = m._embed(tokens, pos)                                       # [N, C]
+        x = m._layers(x, self._k_none, self._v_none, 0, self._k, self._v, rows, pos)
+        z = m._head(np.ascontiguousarray(x[np.concatenate(head)]))     # [sum of heads, V]
+        out, j = [], 0
+        for job, h in zip(batch, head):
+            out.append(z[j:j + len(h)])
+            j += len(h)
+            if job.kind == "prefill":                                   # copy to the other rows
+                T, first = len(job.prompt), job.slots[0]
+                for k, v in zip(self._k, self._v):
+                    k[job.slots[1:], :, :, :T] = k[first, :, :, :T]
+                    v[job.slots[1:], :, :T] = v[first, :, :T]
+                self._n[job.slots] = T
+            else:
+                self._n[job.slots] += 1
+        self.stats["forwards"] += 1
+        self.stats["rows"] += i
+        self.stats["prefills"] += sum(job.kind == "prefill" for job in batch)
+        return out
+
+
+class BatchedSession:
+    """A session of a BatchingModel: rows in pool slots, or solo when the pool was full."""
+
+    def __init__(self, owner: BatchingModel, prompt: np.ndarray, rows: int, capacity: int):
+        self._owner, self.prompt, self.rows, self.capacity = owner, prompt, rows, capacity
+        self.n_row = np.zeros(rows, np.int64)
+        self.slots = None              # [rows] pool slots, once prefilled
+        self._solo = None              # a runtime.Session when the pool had no room
+        self._prefilled = False
+
+    def prefill(self, all_positions: bool = False) -> np.ndarray:
+        if self._prefilled:
+            raise RuntimeError("prefill() was already called on this session")
+        self._prefilled = True
+        owner = self._owner
+        slots = owner._take(self.rows) if self.capacity > 0 else None
+        if slots is None:
+            owner.stats["solo"] += self.capacity > 0
+            self._solo = owner._model.session(self.prompt, self.rows, self.capacity)
+            return owner._call(self._solo.prefill, all_positions)
+        self.slots = slots
+        weakref.finalize(self, owner._give, slots)
+        return owner._prefill(self.prompt, slots, all_positions)
+
+    def step(self, rows, tokens) -> np.ndarray:
+        if not self._prefilled:
+            raise RuntimeError("call prefill() before step()")
+        rows = np.asarray(rows, dtype=np.int64)
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if np.any(self.n_row[rows] >= self.capacity) or len(np.unique(rows)) != len(rows):
+            raise ValueError("row capacity exceeded or a row given twice")
+        self.n_row[rows] += 1
+        if self._solo is not None:
+            return self._owner._call(self._solo.step, rows, tokens)
+        return self._owner._step(self.slots[rows], tokens)
