@@ -123,6 +123,9 @@ def main():
     rows = {}
     for name, (label, target, _, _) in MEASURES.items():
         rows[label] = (measure(name, "ours", args.tokens), measure(name, "hf", args.tokens), target)
+    from machine import header
+
+    print(header())
     print(f"\n{json.dumps(facts())}\n")
     print("| measure | refcomplete | HF transformers | ratio | target |")
     print("|---|---|---|---|---|")

@@ -153,8 +153,10 @@ def facts() -> dict:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
+    from machine import cpu as cpu_facts
+
     return {
-        "cpu": cpu, "cores": os.cpu_count(),
+        "cpu": cpu, "cores": os.cpu_count(), "simd": cpu_facts()["simd"],
         "blas": [{k: i.get(k) for k in ("internal_api", "architecture", "num_threads", "version")} for i in threadpool_info()],
         "numpy": np.__version__, "numba": numba.__version__, "numba_threads": numba.config.NUMBA_NUM_THREADS,
         "torch": torch.__version__, "transformers": transformers.__version__,
@@ -181,6 +183,9 @@ def main():
         print(json.dumps((ours if args.part == "ours" else hf)(args.steps)))
         return None
 
+    from machine import header
+
+    print(header())
     checkpoint()
     bw = gemv_bandwidth()
     r, h = part("ours", args.steps), part("hf", args.steps)

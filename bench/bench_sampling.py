@@ -8,12 +8,12 @@ SIMD flags and the BLAS kernel (threadpoolctl).
 
 import argparse
 import platform
-import re
 import timeit
 
 import numpy as np
 from threadpoolctl import threadpool_info
 
+from machine import header
 from refcomplete.decode import Plan, draw
 from refcomplete.sampling import SamplingParams
 from refcomplete.tokenizer import get_tokenizer
@@ -37,16 +37,8 @@ else:
     from refcomplete.kernels import fmath as ops
 
 
-def cpu_flags() -> str:
-    try:
-        flags = set(re.search(r"^flags\s*:(.*)$", open("/proc/cpuinfo").read(), re.M).group(1).split())
-    except (OSError, AttributeError):
-        return "unknown"
-    return " ".join(f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl") if f in flags) or "none of avx2/fma/avx512"
-
-
 print(f"numpy {np.__version__}, {platform.processor() or platform.machine()}, backend {args.backend}")
-print(f"CPU flags: {cpu_flags()}")
+print(header())
 for info in threadpool_info():
     print(f"BLAS: {info.get('internal_api')} {info.get('version')} kernel={info.get('architecture')}"
           f" threads={info.get('num_threads')}")
