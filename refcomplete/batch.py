@@ -135,8 +135,11 @@ def recover(path: str) -> tuple[collections.Counter, set, int]:
     written = end = 0
     with open(path, "rb") as f:
         for raw in f:
-            if not raw.endswith(b"\n"):
-                break                   # a line cut by a kill: dropped below
+            if not raw.endswith(b"\n"):   # a line cut by a kill: dropped below
+                if not raw.startswith(b'{"id": "batch_req_'[:len(raw)]):
+                    raise BatchFileError(f"{path} ends in a line that is not batch output; "
+                                         "is --out the right file?")
+                break
             end += len(raw)
             written += 1
             try:

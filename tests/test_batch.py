@@ -117,7 +117,7 @@ def test_resume_skips_what_is_written_and_cuts_a_partial_line(tmp_path, endpoint
     assert len(full) == 10
     for k in (0, 3, 8, 9, 10):
         out = tmp_path / f"out{k}.jsonl"
-        out.write_bytes(b"".join(full[:k]) + (full[k][:17] if k < 10 else b""))
+        out.write_bytes(b"".join(full[:k]) + (full[k][:17 + 20 * (k % 2)] if k < 10 else b""))
         counts = batch.run(str(src), str(out), progress=False, completions=endpoint)
         assert counts["skipped"] == k
         assert same_bytes(out.read_bytes()) == same_bytes(ref.read_bytes()), k
@@ -133,6 +133,9 @@ def test_not_an_output_file_is_refused(tmp_path, endpoint):
         batch.run(str(src), str(out), progress=False, completions=endpoint)
     assert out.read_text() == "hello\n"
     assert main(["batch", str(src), "--out", str(out)]) == 2
+    out.write_text("no newline at the end")
+    assert main(["batch", str(src), "--out", str(out)]) == 2
+    assert out.read_text() == "no newline at the end"
     assert main(["batch", str(src), "--out", str(tmp_path / "no" / "dir.jsonl")]) == 2
 
 
