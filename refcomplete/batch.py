@@ -41,6 +41,7 @@ import time
 from typing import Iterable, Iterator, NamedTuple
 
 from refcomplete.errors import CompletionError, InvalidRequestError
+from refcomplete.progress import Progress
 
 URL = "/v1/completions"
 THREAD_VARS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -255,39 +256,6 @@ def run_pool(items: Iterable[Item], workers: int, backend: str | None,
 
 
 # --- the run ----------------------------------------------------------------------------
-
-class Progress:
-    """A progress bar on stderr: redrawn in place on a terminal, a line every 10 s otherwise."""
-
-    def __init__(self, total: int, done: int, enabled: bool = True, stream=None):
-        self.stream = stream if stream is not None else sys.stderr
-        self.total, self.done, self.start_done = total, done, done
-        self.enabled = enabled
-        self.tty = enabled and self.stream.isatty()
-        self.t0 = self.last = time.monotonic()
-
-    def step(self, n: int = 1) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.enabled and now - self.last >= (0.2 if self.tty else 10.0):
-            self.last = now
-            self._draw(now)
-
-    def close(self) -> None:
-        if self.enabled:
-            self._draw(time.monotonic(), final=True)
-
-    def _draw(self, now: float, final: bool = False) -> None:
-        frac = self.done / self.total if self.total else 1.0
-        bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
-        rate = (self.done - self.start_done) / max(now - self.t0, 1e-9)
-        left = (self.total - self.done) / rate if rate > 0 else float("inf")
-        eta = "" if final or left == float("inf") else f" eta {int(left // 60)}m{int(left % 60):02d}s"
-        text = f"batch [{bar}] {self.done}/{self.total} lines {rate:.2f}/s{eta}"
-        end = "\n" if final or not self.tty else ""
-        self.stream.write(("\r" + text + "\x1b[K" if self.tty else text) + end)
-        self.stream.flush()
-
 
 def run(input_path: str, out_path: str, workers: int = 1, ray_address: str | None = None,
         backend: str | None = None, progress: bool = True, chunk_size: int = 8,

@@ -246,6 +246,8 @@ def test_cli_batch(tmp_path, capsys, monkeypatch):
 
 
 def test_progress_bar_redraws_in_place_on_a_terminal():
+    from refcomplete.progress import Progress
+
     class Tty(list):
         def isatty(self):
             return True
@@ -257,7 +259,7 @@ def test_progress_bar_redraws_in_place_on_a_terminal():
             pass
 
     stream = Tty()
-    bar = batch.Progress(4, 1, stream=stream)
+    bar = Progress(4, 1, stream=stream)
     bar.last -= 1
     bar.step()
     bar.close()
