@@ -32,6 +32,7 @@ process, `--workers N` and Ray write the same bytes apart from `id`, `created` a
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import secrets
@@ -269,7 +270,11 @@ def run(input_path: str, out_path: str, workers: int = 1, ray_address: str | Non
     total = count_lines(input_path)
     items = read_items(input_path, done, keyless)
     bar = Progress(total, min(written, total), progress)
-    if ray_address is not None:
+    first = next(items, None)
+    items = itertools.chain([first], items)
+    if first is None:                  # all done: start no workers, no Ray
+        results = (pair for pair in ())
+    elif ray_address is not None:
         from refcomplete import batch_ray
         results = batch_ray.run_ray(items, ray_address, workers, backend, chunk_size)
     elif workers > 1:

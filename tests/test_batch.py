@@ -241,6 +241,9 @@ def test_cli_batch(tmp_path, capsys, monkeypatch):
     assert main(["batch", str(src), "--out", str(tmp_path / "o.jsonl")]) == 0
     err = capsys.readouterr().err
     assert "0 answered, 0 errors, 2 already" in err and "2/2 lines" in err
+    # a finished job starts no workers and no Ray
+    assert main(["batch", str(src), "--out", str(tmp_path / "o.jsonl"), "--workers", "2",
+                 "--ray", "nowhere:1"]) == 0
     assert main(["batch", str(tmp_path / "missing.jsonl"), "--out", "x.jsonl"]) == 2
     assert main(["batch", str(src), "--out", "x.jsonl", "--workers", "0"]) == 2
 
