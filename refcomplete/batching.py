@@ -2,7 +2,7 @@
 forward per round.
 
 Knows: GPT2Model's forward pieces (_embed, _layers, _head), a pool of KV-cache row slots,
-one scheduler thread that runs every forward. Does not know: requests, sampling, HTTP
+rounds of one forward run by the request threads themselves. Does not know: requests, sampling, HTTP
 (server.py runs concurrent requests through it; decode.py is unchanged).
 
     batched = BatchingModel(load_model("gpt2-tiny-shakespeare"), max_rows=64)
@@ -25,12 +25,15 @@ batched forward these rows sit beside other sessions' rows, which changes none o
 bits either; its keys and values are then copied to the session's other slots.
 tests/test_batching.py pins all of this bit for bit.
 
-Threads. Every forward runs on the scheduler thread, under one process-wide lock, so
-Numba's parallel regions are never entered from two threads at once. A request thread
-queues its job and waits. Before a batched forward the scheduler waits until every
-session holding slots has queued its prefill or step, or `window` seconds have passed (a
-stream whose reader stalls, or a finished session not yet collected, delays the others by
-at most that). One forward takes every queued step and prompts up to `prefill_tokens`.
+Threads (flat combining). A request thread queues its job; if no thread is running a
+round, it runs the next one itself, for everyone, else it waits. So one client's forward
+runs in its own thread (no hand-off), and with many clients one of them runs the batch.
+Before a batched forward the round waits until every session holding slots has queued its
+prefill or step, or no job has been queued for `gap` seconds, or `window` seconds have
+passed (a stream whose reader stalls, or a finished session not yet collected, delays the
+others by at most `gap`: sessions' jobs arrive one after another while they sample). One forward takes
+every queued step and prompts up to `prefill_tokens`. Forwards run under one process-wide
+lock, so that Numba's parallel regions never run from two threads at once.
 
 Memory. The pool is allocated once (np.empty: pages are resident only once written; the
 lowest free slots are used first, so the resident part follows the peak number of rows).
@@ -54,7 +57,8 @@ import numpy as np
 FORWARD_LOCK = threading.Lock()   # one forward at a time in this process, whichever model
 DEFAULT_MAX_ROWS = 64
 POOL_BYTES = 1 << 30              # the default max_rows keeps the pool under this
-WINDOW = 0.004                    # seconds a batched forward waits for the sessions' work
+WINDOW = 0.05                     # seconds a batched forward waits at most for the sessions
+GAP = 0.004                       # ... and at most this long after the last job queued
 PREFILL_TOKENS = 512              # prompt tokens one batched forward takes (at least 1 prompt)
 
 
@@ -95,12 +99,12 @@ class BatchingModel:
     across sessions and threads; the same lm.LanguageModel interface and the same bits."""
 
     def __init__(self, model, max_rows: int | None = None, window: float = WINDOW,
-                 prefill_tokens: int = PREFILL_TOKENS):
+                 gap: float = GAP, prefill_tokens: int = PREFILL_TOKENS):
         self._model = model
         cfg = model.config
         R = max_rows or default_max_rows(model)
         L, H, D, S = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, model.n_ctx
-        self.max_rows, self.window, self.prefill_tokens = R, window, prefill_tokens
+        self.max_rows, self.window, self.gap, self.prefill_tokens = R, window, gap, prefill_tokens
         self._k = [np.empty((R, H, D, S), np.float32) for _ in range(L)]   # L x [R, H, D, S]
         self._v = [np.empty((R, H, S, D), np.float32) for _ in range(L)]   # L x [R, H, S, D]
         self._k_none = [np.zeros((H, D, 0), np.float32)] * L               # no shared prefix
@@ -111,10 +115,8 @@ class BatchingModel:
         self._cond = threading.Condition()
         self._calls: deque[_Job] = deque()               # forwards run alone, in order
         self._work: list[_Job] = []                      # prefills and steps of pool sessions
-        self.stats = {"forwards": 0, "rows": 0, "prefills": 0, "solo": 0}
-        self._thread = threading.Thread(target=self._serve, name="refcomplete-batching",
-                                        daemon=True)
-        self._thread.start()
+        self._leader = False                             # a thread is running a round
+        self.stats = {"forwards": 0, "rows": 0, "prefills": 0, "solo": 0, "forward_s": 0.0}
 
     def __getattr__(self, name):        # name, n_vocab, n_ctx, eot_id, tokenizer, ops, ...
         return getattr(self._model, name)
@@ -150,13 +152,30 @@ class BatchingModel:
     # -- request threads --------------------------------------------------------------------
 
     def _submit(self, job: _Job, alone: bool):
+        """Queue the job; until it is done, either wait or, when no thread is running a
+        round, run the next round (this thread's forward, for everyone)."""
         with self._cond:
             (self._calls if alone else self._work).append(job)
             self._cond.notify_all()
+            while not job.done.is_set():
+                if self._leader:
+                    self._cond.wait()
+                    continue
+                self._leader = True
+                try:
+                    call, batch = self._next_round()
+                    self._cond.release()
+                    try:
+                        self._run_call(call) if call is not None else self._batched(batch)
+                    finally:
+                        self._cond.acquire()
+                finally:
+                    self._leader = False
+                    self._cond.notify_all()
         return job.wait()
 
     def _call(self, fn, *args):
-        """Run fn(*args) on the scheduler thread, alone; return its result."""
+        """Run fn(*args) in a round of its own (not batched); return its result."""
         return self._submit(_Job(fn, args), alone=True)
 
     def _prefill(self, prompt: np.ndarray, slots: np.ndarray, all_positions: bool) -> np.ndarray:
@@ -168,31 +187,35 @@ class BatchingModel:
         """Append tokens[i] to slot slots[i] in the next batched forward; [B, V] logits."""
         return self._submit(_Job(kind="step", slots=slots, tokens=tokens), alone=False)
 
-    # -- the scheduler thread ---------------------------------------------------------------
+    # -- a round: run by one of the waiting threads ----------------------------------------
 
-    def _serve(self) -> None:
-        while True:
-            with self._cond:
-                while not self._calls and not self._work:
-                    self._cond.wait()
-                if self._calls:
-                    job, batch = self._calls.popleft(), None
-                else:
-                    job, deadline = None, time.monotonic() + self.window
-                    while (len(self._work) < self._holders and not self._calls
-                           and (left := deadline - time.monotonic()) > 0):
-                        self._cond.wait(left)
-                    batch, self._work = self._take_batch(self._work)
-            if job is not None:
-                try:
-                    with FORWARD_LOCK:
-                        value = job.fn(*job.args)
-                except BaseException as exc:  # handed to the waiting thread; this one lives on
-                    job.finish(error=exc)
-                else:
-                    job.finish(value)
-            else:
-                self._batched(batch)
+    def _next_round(self) -> tuple[_Job | None, list[_Job] | None]:
+        """Under the lock: the next job that runs alone, or else the next batch, once every
+        session holding slots has queued its work or the window has passed."""
+        if self._calls:
+            return self._calls.popleft(), None
+        start = last = time.monotonic()
+        seen = len(self._work)
+        while len(self._work) < self._holders and not self._calls:
+            now = time.monotonic()
+            if len(self._work) != seen:
+                seen, last = len(self._work), now
+            left = min(start + self.window, last + self.gap) - now
+            if left <= 0:
+                break
+            self._cond.wait(left)
+        batch, self._work = self._take_batch(self._work)
+        return None, batch
+
+    @staticmethod
+    def _run_call(job: _Job) -> None:
+        try:
+            with FORWARD_LOCK:
+                value = job.fn(*job.args)
+        except BaseException as exc:      # handed to the waiting thread
+            job.finish(error=exc)
+        else:
+            job.finish(value)
 
     def _take_batch(self, work: list[_Job]) -> tuple[list[_Job], list[_Job]]:
         """(this forward's jobs, the rest): every step, and prefills in order while their
@@ -212,7 +235,9 @@ class BatchingModel:
         reaches only the job it belongs to (a re-run writes the same cache entries)."""
         try:
             with FORWARD_LOCK:
+                start = time.perf_counter()
                 values = self._forward(batch)
+                self.stats["forward_s"] += time.perf_counter() - start
         except BaseException as exc:
             if len(batch) == 1:
                 batch[0].finish(error=exc)

@@ -132,7 +132,7 @@ def test_a_full_pool_runs_sessions_solo_with_the_same_bits(model):
     assert np.array_equal(b.step([0], [8])[0], o0[0][1])
 
 
-def test_errors_come_back_and_the_scheduler_lives_on(model):
+def test_errors_come_back_and_batching_goes_on(model):
     batched = BatchingModel(model, max_rows=4)
     with pytest.raises(ValueError):
         batched.session([], rows=1, max_new_tokens=1)
