@@ -102,6 +102,19 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--waive", action="append", default=[], choices=sorted(DIALECTS),
                    help="a named difference to accept (repeatable)")
     p.add_argument("--waive-all-dialects", action="store_true")
+    p.add_argument("--sampling", action="store_true",
+                   help="also test the server's sampler against our exact distribution "
+                   "(compare_sampling.py; about a minute on the bundled model)")
+    p.add_argument("--sampling-only", action="store_true", help="--sampling without the suite")
+    p.add_argument("--sampling-scale", type=float, default=1.0,
+                   help="scale the number of draws per sampling case (default 1: 2000 first "
+                   "tokens, 400 paths)")
+    p.add_argument("--sampling-seeds", choices=("vary", "none"), default="vary",
+                   help="vary: a different seed per request; none: send no seed")
+    p.add_argument("--sampling-alpha", type=float, default=0.01,
+                   help="the sampling checks' false-alarm rate over the whole run (Holm)")
+    p.add_argument("--sampling-model", help="our model for the exact distribution (default: "
+                   "the bundled model if --model names it, else --model itself)")
     p.set_defaults(handler=_run)
 
 
@@ -127,6 +140,18 @@ def _suite(args) -> tuple[Path | None, str]:
     return path, f"the bundled {BUNDLED_MODEL} suite ({path})"
 
 
+def _sampling_model(args):
+    """(our model for --sampling, "") or (None, why not)."""
+    from refcomplete.registry import load_model
+
+    name = args.sampling_model or (BUNDLED_MODEL if is_bundled(args.model) else args.model)
+    try:
+        return load_model(name), ""
+    except Exception as exc:   # noqa: BLE001 (a missing or damaged model: one line)
+        return None, (f"--sampling needs our copy of the served model: cannot load {name!r} "
+                      f"({type(exc).__name__}: {exc}); give --sampling-model NAME_OR_PATH")
+
+
 def _run(args) -> int:
     base = args.base_url.rstrip("/")
     base = base[:-3] if base.endswith("/v1") else base
@@ -137,25 +162,43 @@ def _run(args) -> int:
         return _fail(f"--extra-body is not valid JSON ({exc}): {args.extra_body!r}")
     if not isinstance(extra, dict):
         return _fail(f"--extra-body must be a JSON object, not {args.extra_body!r}")
-    suite, how = _suite(args)
-    if suite is None:
+    sampling = args.sampling or args.sampling_only
+    suite, how = (None, "") if args.sampling_only else _suite(args)
+    if suite is None and not args.sampling_only:
         return _fail(how)
+    model = None
+    if sampling:
+        model, why = _sampling_model(args)
+        if model is None:
+            return _fail(why)
     if args.report and not Path(args.report).resolve().parent.is_dir():
         return _fail(f"the directory of --report ({Path(args.report).parent}) does not exist")
     shift = args.shift_tol if args.atol is None else args.atol
     shape = args.shape_tol if args.atol is None else args.atol
-    print(f"using {how}", file=sys.stderr)
+    if suite is not None:
+        print(f"using {how}", file=sys.stderr)
     rep = Replayer(base, args.model, args.api_key, extra, Judge(shift, shape, args.tie_margin),
                    extra_on_errors=args.extra_body_on_errors)
+    results = []
     try:
-        results = run(suite, rep)
+        if suite is not None:
+            results = run(suite, rep)
+        if sampling:
+            from refcomplete.compare_sampling import run_sampling
+
+            print(f"sampling: our distribution from {model.name}", file=sys.stderr)
+            results += run_sampling(model, rep, args.sampling_scale, args.sampling_seeds,
+                                    args.sampling_alpha)
     except Stopped as exc:
         return _fail(str(exc))
+    except Unreachable as exc:
+        return _fail(f"cannot reach {base} (sampling): {exc}")
     except (OSError, ValueError) as exc:       # an unreadable or tampered suite
         return _fail(f"cannot read the suite: {exc}")
     print(summary(results, waived))
     if args.report:
         with open(args.report, "w", encoding="utf-8") as f:
-            json.dump(report(results, waived, base_url=base, model=args.model, suite=str(suite),
+            json.dump(report(results, waived, base_url=base, model=args.model,
+                             suite=None if suite is None else str(suite),
                              shift_tol=shift, shape_tol=shape), f, indent=1)
     return 1 if any(r.verdict(waived) == "fail" for r in results) else 0

@@ -63,6 +63,10 @@ FAILURES = {
     "refused_regardless": "the request is refused even without the field the case is about",
     "broken_stream": "a stream cut before data: [DONE], or a chunk that is not JSON",
     "transport_error": "the connection failed (a fresh one is opened for the next request)",
+    "outside_nucleus": "--sampling: a draw our processed distribution excludes (top_p, a ban), "
+                       "beyond the rounding band at the top_p edge",
+    "distribution_misfit": "--sampling: the draws do not fit our processed distribution "
+                           "(G-test, PIT or penalty score; Holm over the run)",
 }
 
 
