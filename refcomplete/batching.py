@@ -35,8 +35,10 @@ others by at most `gap`: sessions' jobs arrive one after another while they samp
 every queued step and prompts up to `prefill_tokens`. Forwards run under one process-wide
 lock, so that Numba's parallel regions never run from two threads at once.
 
-Memory. The pool is allocated once (np.empty: pages are resident only once written; the
-lowest free slots are used first, so the resident part follows the peak number of rows).
+Memory. The pool is allocated once, in anonymous mappings: pages are resident only once
+written, the lowest free slots are used first (so the resident part follows the peak
+number of rows, at most max_rows), and whenever no session holds a slot the pages go back
+to the system (madvise DONTNEED).
 A session that finds too few free slots is not made to wait (its request thread would
 hold a worker that the streams holding slots need): it runs "solo", on its own
 runtime.Session, its forwards queued to the same thread and never batched. Slots return
@@ -47,6 +49,7 @@ closed stream, a ClientGone raised in a Watched session).
 from __future__ import annotations
 
 import heapq
+import mmap
 import threading
 import time
 import weakref
@@ -105,8 +108,9 @@ class BatchingModel:
         R = max_rows or default_max_rows(model)
         L, H, D, S = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, model.n_ctx
         self.max_rows, self.window, self.gap, self.prefill_tokens = R, window, gap, prefill_tokens
-        self._k = [np.empty((R, H, D, S), np.float32) for _ in range(L)]   # L x [R, H, D, S]
-        self._v = [np.empty((R, H, S, D), np.float32) for _ in range(L)]   # L x [R, H, S, D]
+        self._maps: list[mmap.mmap] = []                 # the pool's pages (see _release)
+        self._k = [self._mapped((R, H, D, S)) for _ in range(L)]          # L x [R, H, D, S]
+        self._v = [self._mapped((R, H, S, D)) for _ in range(L)]          # L x [R, H, S, D]
         self._k_none = [np.zeros((H, D, 0), np.float32)] * L               # no shared prefix
         self._v_none = [np.zeros((H, 0, D), np.float32)] * L
         self._n = np.zeros(R, np.int64)                  # [R] filled entries of each slot
@@ -147,7 +151,28 @@ class BatchingModel:
             for s in slots:
                 heapq.heappush(self._free, int(s))
             self._holders -= 1
+            if self._holders == 0:
+                self._release()
             self._cond.notify_all()       # a forward may be waiting for this session
+
+    def _mapped(self, shape) -> np.ndarray:
+        """A float32 array in its own anonymous mapping (np.empty's pages, releasable)."""
+        size = int(np.prod(shape))
+        try:       # private: DONTNEED frees the pages (a shared mapping only unmaps them)
+            pages = mmap.mmap(-1, max(4 * size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        except (AttributeError, OSError):                # not POSIX: plain memory, kept
+            return np.empty(shape, np.float32)
+        self._maps.append(pages)
+        return np.frombuffer(pages, np.float32, size).reshape(shape)
+
+    def _release(self) -> None:
+        """No session holds a slot: hand the pool's pages back to the system (they read
+        as zeros, and no entry is read before it is written again)."""
+        for pages in self._maps:
+            try:
+                pages.madvise(mmap.MADV_DONTNEED)
+            except (AttributeError, OSError, ValueError):   # no madvise here: keep them
+                return
 
     # -- request threads --------------------------------------------------------------------
 

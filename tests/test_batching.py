@@ -194,3 +194,21 @@ def test_create_from_threads_is_the_serial_answer():
         elif value is not None:
             assert [strip(c) for c in value] == [strip(c) for c in stream_ref[i]], j
     assert len(got) == 4 * len(REQUESTS)
+
+
+def test_an_idle_pool_gives_its_pages_back(model):
+    batched = BatchingModel(model, max_rows=4)
+    sess = batched.session([1, 2, 3], rows=2, max_new_tokens=3)
+    sess.prefill()
+    sess.step([0, 1], [4, 5])
+    assert batched._k[0][sess.slots[0], :, :, :4].any()         # written entries
+    other = batched.session([7], rows=1, max_new_tokens=2)
+    other.prefill()
+    del sess
+    gc.collect()
+    assert batched._k[0][:, :, :, :4].any()                      # a holder is left: kept
+    del other
+    gc.collect()
+    assert batched._holders == 0 and not any(k.any() for k in batched._k)   # released: zeros
+    again = batched.session([1, 2, 3], rows=1, max_new_tokens=2)
+    assert np.array_equal(again.prefill(), model.session([1, 2, 3], 1, 2).prefill())
