@@ -1,8 +1,8 @@
 """`refcomplete batch INPUT.jsonl --out OUTPUT.jsonl`: OpenAI Batch files, run locally.
 
-Knows: the Batch line formats, resuming, ordering, local worker processes, the progress
-bar. Does not know: anything create() does (each body goes to Completions.create as it
-is), nor Ray (batch_ray.py).
+Knows: the Batch line formats, resuming, ordering, local worker processes. Does not
+know: anything create() does (each body goes to Completions.create as it is), Ray
+(batch_ray.py) or drawing the progress bar (progress.py).
 
     refcomplete batch requests.jsonl --out results.jsonl               # one process
     refcomplete batch requests.jsonl --out results.jsonl --workers 2   # 2 local processes
@@ -12,10 +12,10 @@ An input line is OpenAI's request input object
 `{"custom_id": "r1", "method": "POST", "url": "/v1/completions", "body": {...}}`; an
 output line is OpenAI's request output object
 `{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`, one per
-non-blank input line, in input order. OpenAI: "a request that fails with an HTTP error
-has a `response` with that status and the error body"; so a body that create() refuses
-is `response.status_code` 400 (or 404 for an unknown model) with OpenAI's error body and
-`error: null`. A line that is not a request at all (bad JSON, a missing field, a
+non-blank input line, in input order. OpenAI's spec of `error`: "For requests that failed
+with a non-HTTP error, this will contain more information on the cause of the failure."
+So a body that create() refuses, an HTTP error, is a `response` with its status (400, or
+404 for an unknown model), OpenAI's error body and `error: null`. A line that is not a request at all (bad JSON, a missing field, a
 duplicate custom_id, an unsupported method or url) has `response: null` and
 `error: {"code", "message", "line", "param"}` (OpenAI's batch error shape). A body with
 `stream: true` is refused with a 400 (a batch has no stream to send).
@@ -56,7 +56,7 @@ class BatchFileError(ValueError):
 
 class Item(NamedTuple):
     """One input line: `body` to send to create(), or `ready` (status, body, error) when the
-    line is answered without it. `key` is what resuming matches on."""
+    line is answered without it. Resuming matches on `custom_id`, else on `line`."""
 
     line: int
     custom_id: str | None
