@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test crosscheck notebooks bench clean
+.PHONY: demo test crosscheck notebooks bench peers peers-record clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,5 +36,35 @@ notebooks: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_runtime.py
 
+## peers: real peers (tests/peers/): compare against llama-cpp-python 0.3.36's server, built
+## from its sdist (about 6 minutes on 2 cores, once), checked against the committed
+## findings tests/peers/llama-cpp-python-0.3.36.json; and lm-eval 0.4.13's local-completions
+## against `refcomplete serve`, per sample against its hf backend in float64. Both run; the
+## target fails if either does. Reports in build/peers/.
+PEERS_VENV   := .venv-peers
+LMEVAL_VENV  := .venv-lmeval
+LLAMA_STAMP  := $(PEERS_VENV)/.installed-llama-cpp-python-0.3.36
+LMEVAL_STAMP := $(LMEVAL_VENV)/.installed-lm-eval-0.4.13
+
+$(LLAMA_STAMP): tests/peers/build_llama_cpp.sh tests/peers/llama-cpp-constraints.txt
+	tests/peers/build_llama_cpp.sh $(PEERS_VENV) $(PYTHON)
+	touch $@
+
+$(LMEVAL_STAMP): tests/peers/build_lm_eval.sh tests/peers/lm-eval-constraints.txt
+	tests/peers/build_lm_eval.sh $(LMEVAL_VENV) $(PYTHON)
+	touch $@
+
+peers: $(STAMP) $(LLAMA_STAMP) $(LMEVAL_STAMP)
+	@rc=0; \
+	echo "-- llama-cpp-python 0.3.36: refcomplete compare"; \
+	$(BIN)/python tests/peers/llama_cpp_peer.py || rc=1; \
+	echo "-- lm-eval 0.4.13: local-completions vs hf (float64)"; \
+	$(BIN)/python tests/peers/lm_eval_peer.py || rc=1; \
+	exit $$rc
+
+## peers-record: re-record tests/peers/llama-cpp-python-0.3.36.json from a fresh run
+peers-record: $(STAMP) $(LLAMA_STAMP)
+	$(BIN)/python tests/peers/llama_cpp_peer.py --update
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) $(PEERS_VENV) $(LMEVAL_VENV) build dist *.egg-info
