@@ -114,11 +114,13 @@ class Endpoint:
                  limits: Limits = DEFAULT_LIMITS, hosts: HostPolicy | None = None,
                  serial: bool = True, max_batch_rows: int | None = None):
         self.serial = serial
-        self.batched = set() if serial else {n for n, m in models.items() if hasattr(m, "_layers")}
-        if self.batched:
+        self.batched: set[str] = set()
+        if not serial:
             from refcomplete.batching import BatchingModel
-            models = {n: BatchingModel(m, max_batch_rows) if n in self.batched else m
-                      for n, m in models.items()}
+            self.batched = {n for n, m in models.items()
+                            if isinstance(m, BatchingModel) or hasattr(m, "_layers")}
+            models = {n: BatchingModel(m, max_batch_rows) if n in self.batched
+                      and not isinstance(m, BatchingModel) else m for n, m in models.items()}
         self.models = dict(models)
         self.api = Completions(self.models, limits=limits)
         self.limits = limits
