@@ -516,7 +516,8 @@ def _run(args) -> int:
     try:
         serve(args.models or [DEFAULT_MODEL], args.host, args.port, args.api_key,
               args.log_level, args.max_body, limits, args.body_timeout, args.shutdown_timeout,
-              tuple(args.allowed_hosts), args.backend, args.serial, args.max_batch_rows)
+              tuple(args.allowed_hosts), backend=args.backend, serial=args.serial,
+              max_batch_rows=args.max_batch_rows)
     except ModelNotFound as exc:
         print(f"error: {exc}")
         return 2

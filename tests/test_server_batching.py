@@ -213,3 +213,27 @@ def test_a_batched_endpoint_stops_a_request_whose_client_left(model):
     body = json.dumps({**B, "prompt": "Hi", "max_tokens": 50}).encode()
     r = endpoint.handle("POST", "/v1/completions", {}, body, gone=gone)
     assert r.status == 499 and endpoint.models[MODEL].stats["forwards"] == 0
+
+
+def test_serial_and_max_batch_rows_flags_reach_serve(monkeypatch):
+    import argparse
+    from refcomplete import server
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda *a, **k: seen.update(k))
+    sub = argparse.ArgumentParser().add_subparsers()
+    server.add_subcommand(sub)
+    args = sub.choices["serve"].parse_args([])
+    assert args.handler(args) == 0 and (seen["serial"], seen["max_batch_rows"]) == (False, None)
+    args = sub.choices["serve"].parse_args(["--serial", "--max-batch-rows", "8"])
+    assert args.handler(args) == 0 and (seen["serial"], seen["max_batch_rows"]) == (True, 8)
+    with pytest.raises(SystemExit):
+        sub.choices["serve"].parse_args(["--max-batch-rows", "0"])
+
+
+def test_load_endpoint_batches_unless_serial(monkeypatch, model):
+    from refcomplete import registry, server
+    monkeypatch.setattr(registry, "load_model", lambda where, backend=None: model)
+    batched = server.load_endpoint([MODEL], max_batch_rows=8)
+    assert batched.batched == {MODEL} and batched.models[MODEL].max_rows == 8
+    serial = server.load_endpoint([MODEL], serial=True)
+    assert serial.batched == set() and serial.models[MODEL] is model
