@@ -77,12 +77,13 @@ class _Job:
     with `fn` runs alone; a "prefill" or "step" job joins the next batched forward."""
 
     __slots__ = ("fn", "args", "kind", "prompt", "slots", "tokens", "all_positions",
-                 "done", "value", "error")
+                 "ticket", "last", "done", "value", "error")
 
     def __init__(self, fn=None, args=(), kind=None, prompt=None, slots=None, tokens=None,
-                 all_positions=False):
+                 all_positions=False, ticket=None, last=False):
         self.fn, self.args, self.kind = fn, args, kind
         self.prompt, self.slots, self.tokens, self.all_positions = prompt, slots, tokens, all_positions
+        self.ticket, self.last = ticket, last     # the session's _Ticket; no step after this
         self.done = threading.Event()
         self.value = self.error = None
 
@@ -95,6 +96,16 @@ class _Job:
     def finish(self, value=None, error=None) -> None:
         self.value, self.error = value, error
         self.done.set()
+
+
+class _Ticket:
+    """A pool session's standing: its slots, and whether a round should wait for its next
+    job (until its last possible step has been taken, or it is collected)."""
+
+    __slots__ = ("slots", "expected")
+
+    def __init__(self, slots):
+        self.slots, self.expected = slots, True
 
 
 class BatchingModel:
@@ -116,6 +127,7 @@ class BatchingModel:
         self._n = np.zeros(R, np.int64)                  # [R] filled entries of each slot
         self._free = list(range(R))                      # a heap: lowest slots first
         self._holders = 0                                # sessions holding slots
+        self._expected = 0                               # ... that may still queue a job
         self._cond = threading.Condition()
         self._calls: deque[_Job] = deque()               # forwards run alone, in order
         self._work: list[_Job] = []                      # prefills and steps of pool sessions
@@ -138,17 +150,25 @@ class BatchingModel:
 
     # -- slots ------------------------------------------------------------------------------
 
-    def _take(self, rows: int):
-        """`rows` free slots (lowest first), or None when there are not enough now."""
+    def _take(self, rows: int) -> _Ticket | None:
+        """A ticket for `rows` free slots (lowest first), or None when there are too few."""
         with self._cond:
             if rows > len(self._free):
                 return None
             self._holders += 1
-            return np.array([heapq.heappop(self._free) for _ in range(rows)], np.int64)
+            self._expected += 1
+            return _Ticket(np.array([heapq.heappop(self._free) for _ in range(rows)], np.int64))
 
-    def _give(self, slots) -> None:
+    def _unexpect(self, ticket: _Ticket) -> None:
+        """Under the lock: rounds no longer wait for this session."""
+        if ticket.expected:
+            ticket.expected = False
+            self._expected -= 1
+
+    def _give(self, ticket: _Ticket) -> None:
         with self._cond:
-            for s in slots:
+            self._unexpect(ticket)
+            for s in ticket.slots:
                 heapq.heappush(self._free, int(s))
             self._holders -= 1
             if self._holders == 0:
@@ -203,14 +223,19 @@ class BatchingModel:
         """Run fn(*args) in a round of its own (not batched); return its result."""
         return self._submit(_Job(fn, args), alone=True)
 
-    def _prefill(self, prompt: np.ndarray, slots: np.ndarray, all_positions: bool) -> np.ndarray:
-        """Prefill `prompt` into slots (in the next batched forward); [T or 1, V] logits."""
-        return self._submit(_Job(kind="prefill", prompt=prompt, slots=slots,
-                                 all_positions=all_positions), alone=False)
+    def _prefill(self, prompt: np.ndarray, ticket: _Ticket, all_positions: bool,
+                 last: bool = False) -> np.ndarray:
+        """Prefill `prompt` into the ticket's slots (in the next batched forward); [T or 1,
+        V] logits. last: the session will step no more."""
+        return self._submit(_Job(kind="prefill", prompt=prompt, slots=ticket.slots,
+                                 all_positions=all_positions, ticket=ticket, last=last),
+                            alone=False)
 
-    def _step(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    def _step(self, slots: np.ndarray, tokens: np.ndarray, ticket: _Ticket | None = None,
+              last: bool = False) -> np.ndarray:
         """Append tokens[i] to slot slots[i] in the next batched forward; [B, V] logits."""
-        return self._submit(_Job(kind="step", slots=slots, tokens=tokens), alone=False)
+        return self._submit(_Job(kind="step", slots=slots, tokens=tokens, ticket=ticket,
+                                 last=last), alone=False)
 
     # -- a round: run by one of the waiting threads ----------------------------------------
 
@@ -221,7 +246,8 @@ class BatchingModel:
             return self._calls.popleft(), None
         start = last = time.monotonic()
         seen = len(self._work)
-        while len(self._work) < self._holders and not self._calls:
+        while (sum(j.ticket is not None and j.ticket.expected for j in self._work) < self._expected
+               and not self._calls):
             now = time.monotonic()
             if len(self._work) != seen:
                 seen, last = len(self._work), now
@@ -230,6 +256,9 @@ class BatchingModel:
                 break
             self._cond.wait(left)
         batch, self._work = self._take_batch(self._work)
+        for job in batch:
+            if job.last:
+                self._unexpect(job.ticket)
         return None, batch
 
     @staticmethod
@@ -324,6 +353,7 @@ class BatchedSession:
         self._owner, self.prompt, self.rows, self.capacity = owner, prompt, rows, capacity
         self.n_row = np.zeros(rows, np.int64)
         self.slots = None              # [rows] pool slots, once prefilled
+        self._ticket = None
         self._solo = None              # a runtime.Session when the pool had no room
         self._prefilled = False
 
@@ -332,14 +362,15 @@ class BatchedSession:
             raise RuntimeError("prefill() was already called on this session")
         self._prefilled = True
         owner = self._owner
-        slots = owner._take(self.rows) if self.capacity > 0 else None
-        if slots is None:
+        ticket = owner._take(self.rows) if self.capacity > 0 else None
+        if ticket is None:
             owner.stats["solo"] += self.capacity > 0
             self._solo = owner._model.session(self.prompt, self.rows, self.capacity)
             return owner._call(self._solo.prefill, all_positions)
-        self.slots = slots
-        weakref.finalize(self, owner._give, slots)
-        return owner._prefill(self.prompt, slots, all_positions)
+        self._ticket, self.slots = ticket, ticket.slots
+        weakref.finalize(self, owner._give, ticket)
+        # decode.py steps a row at most capacity - 1 times (its last token is not fed back)
+        return owner._prefill(self.prompt, ticket, all_positions, last=self.capacity <= 1)
 
     def step(self, rows, tokens) -> np.ndarray:
         if not self._prefilled:
@@ -351,4 +382,7 @@ class BatchedSession:
         self.n_row[rows] += 1
         if self._solo is not None:
             return self._owner._call(self._solo.step, rows, tokens)
-        return self._owner._step(self.slots[rows], tokens)
+        # Rows left out of a step have finished (decode.py never steps them again): when
+        # these rows have had capacity - 1 steps, rounds need not wait for this session.
+        last = bool(np.all(self.n_row[rows] >= self.capacity - 1))
+        return self._owner._step(self.slots[rows], tokens, self._ticket, last)

@@ -112,7 +112,7 @@ def test_batched_sessions_from_threads_match_alone(model):
             assert [len(r) for r in o0] == [len(r) for r in o1]
     assert batched.stats["forwards"] < sum(len(t) for _, toks, _ in cases for t in toks)
     gc.collect()
-    assert sorted(batched._free) == list(range(24)) and batched._holders == 0
+    assert sorted(batched._free) == list(range(24)) and batched._holders == batched._expected == 0
 
 
 def test_a_full_pool_runs_sessions_solo_with_the_same_bits(model):
