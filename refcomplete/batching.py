@@ -28,10 +28,12 @@ tests/test_batching.py pins all of this bit for bit.
 Threads (flat combining). A request thread queues its job; if no thread is running a
 round, it runs the next one itself, for everyone, else it waits. So one client's forward
 runs in its own thread (no hand-off), and with many clients one of them runs the batch.
-Before a batched forward the round waits until every session holding slots has queued its
-prefill or step, or no job has been queued for `gap` seconds, or `window` seconds have
-passed (a stream whose reader stalls, or a finished session not yet collected, delays the
-others by at most `gap`: sessions' jobs arrive one after another while they sample). One forward takes
+Before a batched forward the round waits until every session that may still step has
+queued its prefill or step, or no job has been queued for `gap` seconds, or `window`
+seconds have passed. A session may still step until its rows have had capacity - 1 steps
+(decode.py never feeds back a row's last token) or it is collected; a stream whose reader
+stalls, or a row that ended on a stop, delays the others by at most `gap` (sessions' jobs
+arrive one after another while they sample, well within it). One forward takes
 every queued step and prompts up to `prefill_tokens`. Forwards run under one process-wide
 lock, so that Numba's parallel regions never run from two threads at once.
 
