@@ -24,10 +24,12 @@ from refcomplete.registry import load_model
 from refcomplete.runtime import GPT2Model
 
 
-@pytest.fixture(scope="module", params=["tiny", "bundled"])
+@pytest.fixture(scope="module", params=["tiny", "tiny-numpy", "bundled"])
 def model(request, tiny_dir):
     if request.param == "tiny":
         return GPT2Model(load_checkpoint(tiny_dir), name="tiny")
+    if request.param == "tiny-numpy":            # the strict NumPy twins: the same rule
+        return GPT2Model(load_checkpoint(tiny_dir), name="tiny", backend="numpy")
     return load_model("gpt2-tiny-shakespeare")
 
 
