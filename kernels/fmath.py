@@ -171,9 +171,14 @@ def top_k(x: np.ndarray, k: int, positive: bool = False) -> list[int]:
     Selection, no arithmetic; here so that each backend brings its fast version."""
     out: list[int] = []
     y = np.array(x, dtype=np.float64)
-    for _ in range(min(max(k, 0), len(y))):
+    k = min(max(k, 0), len(y))
+    while len(out) < k:
         i = int(np.argmax(y))
         if positive and not y[i] > 0:
+            break
+        if y[i] == -np.inf:                  # only -inf left: the unpicked ones, by ascending id
+            taken = set(out)
+            out += [int(j) for j in np.flatnonzero(np.asarray(x) == -np.inf) if j not in taken][: k - len(out)]
             break
         out.append(i)
         y[i] = -np.inf

@@ -203,27 +203,50 @@ def sum_exp(z, m):
     return sum8(e)
 
 
+@njit(cache=True, inline="always")
+def _insert(ids, vals, cnt, k, v, i):
+    """Put (v, i) into the sorted buffer (value desc; an equal value keeps the lower id first)."""
+    j = cnt if cnt < k else k - 1
+    while j > 0 and vals[j - 1] < v:
+        vals[j] = vals[j - 1]
+        ids[j] = ids[j - 1]
+        j -= 1
+    vals[j] = v
+    ids[j] = i
+
+
 @njit(cache=True)
 def top_k_ids(x, k, positive):
-    """fmath.top_k in one pass: an insertion-sorted buffer of the k best (value desc, id asc)."""
+    """fmath.top_k in one pass: an insertion-sorted buffer of the k best. Once it is full,
+    blocks of 64 are first counted for entries beating the buffer's worst (a vectorised
+    count); only a block with one is walked."""
     ids = np.empty(k, np.int64)
     vals = np.empty(k, np.float64)
     cnt = 0
-    for i in range(x.shape[0]):
+    n = x.shape[0]
+    i = 0
+    while i < n and cnt < k:
         v = x[i]
-        if positive and not v > 0:
-            continue
-        if cnt < k or v > vals[cnt - 1]:
-            j = cnt if cnt < k else k - 1
-            while j > 0 and vals[j - 1] < v:                 # equal values keep the lower id first
-                vals[j] = vals[j - 1]
-                ids[j] = ids[j - 1]
-                j -= 1
-            vals[j] = v
-            ids[j] = i
-            if cnt < k:
-                cnt += 1
-    return ids[:cnt]
+        if not positive or v > 0:
+            _insert(ids, vals, cnt, k, v, i)
+            cnt += 1
+        i += 1
+    if cnt < k:
+        return ids[:cnt]
+    worst = vals[k - 1]                  # > 0 when positive: beating it implies v > 0
+    while i < n:
+        e = min(n, i + 64)
+        hits = 0
+        for t in range(i, e):
+            hits += x[t] > worst
+        if hits:
+            for t in range(i, e):
+                v = x[t]
+                if v > worst:
+                    _insert(ids, vals, cnt, k, v, t)
+                    worst = vals[k - 1]
+        i = e
+    return ids
 
 
 # -- the same interface as kernels/fmath.py (NumPy arrays in, NumPy arrays out) ----------

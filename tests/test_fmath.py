@@ -210,3 +210,25 @@ def test_ir_scan_catches_a_libm_call(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path)),
                        capture_output=True, text=True, timeout=300)
     assert "llvm.exp" in r.stdout and "tanh" in r.stdout, r.stdout + r.stderr
+
+
+def test_top_k_is_value_descending_ids_ascending_on_both_backends():
+    """top_k on ties, -inf and positive-only inputs, against a full sort (the definition)."""
+    backends = [fmath]
+    if JIT:
+        from refcomplete.kernels import fmath_numba
+        backends.append(fmath_numba)
+    rng = np.random.default_rng(3)
+    for trial in range(600):
+        n = int(rng.integers(1, 300))
+        x = rng.integers(-3, 4, n).astype(float)
+        if trial % 3 == 0:
+            x = np.maximum(x, 0)
+        if trial % 7 == 0:
+            x[rng.integers(0, n, 3)] = -INF
+        for k in (0, 1, 5, 70):
+            for positive in (False, True):
+                ref = sorted(range(n), key=lambda i: (-x[i], i))
+                ref = [i for i in ref if x[i] > 0] if positive else ref
+                for b in backends:
+                    assert b.top_k(x, k, positive) == ref[:k], (b.__name__, x.tolist(), k, positive)
