@@ -46,7 +46,7 @@ def compare(remote: Path, hf: Path) -> tuple[list[str], list[str]]:
         if [s["doc_id"] for s in a] != [s["doc_id"] for s in b]:
             problems.append(f"{task}: different docs ({len(a)} vs {len(b)})")
             continue
-        n_ll = n_greedy = n_gen = 0
+        n_ll = n_greedy = n_true = n_gen = 0
         worst, where = 0.0, ""
         for sa, sb in zip(a, b):
             if sa["arguments"] != sb["arguments"]:
@@ -64,6 +64,7 @@ def compare(remote: Path, hf: Path) -> tuple[list[str], list[str]]:
                     lla, lga = float(ra[0]), str(ra[1])
                     llb, lgb = float(rb[0]), str(rb[1])
                     n_greedy += 1
+                    n_true += lga == "True"
                     if lga != lgb:
                         problems.append(f"{tag}: is_greedy {lga} (server) vs {lgb} (hf)")
                 else:                                                      # a rolling ll
@@ -75,7 +76,7 @@ def compare(remote: Path, hf: Path) -> tuple[list[str], list[str]]:
                 if not d <= ATOL:
                     problems.append(f"{tag}: loglikelihood {lla!r} (server) vs {llb!r} (hf), "
                                     f"|diff| {d:.3g} > {ATOL:g}")
-        rows.append(f"{task:10} docs {len(a):2}  loglikelihoods {n_ll:3}  is_greedy {n_greedy:3}  "
+        rows.append(f"{task:10} docs {len(a):2}  loglikelihoods {n_ll:3}  is_greedy {n_greedy:3} ({n_true} true)  "
                     f"generations {n_gen:2}  max |ll diff| {worst:.3g}" + (f" ({where})" if where else ""))
     return rows, problems
 
