@@ -108,7 +108,7 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--sampling-only", action="store_true", help="--sampling without the suite")
     p.add_argument("--sampling-scale", type=float, default=1.0,
                    help="scale the number of draws per sampling case (default 1: 2000 first "
-                   "tokens, 400 paths)")
+                   "tokens, 300 paths)")
     p.add_argument("--sampling-seeds", choices=("vary", "none"), default="vary",
                    help="vary: a different seed per request; none: send no seed")
     p.add_argument("--sampling-alpha", type=float, default=0.01,

@@ -38,8 +38,8 @@ def exact(model):
 
 
 def family(cases) -> int:
-    """The number of tests of a full run: each case's fit, and PIT + 3 scores with penalties."""
-    return sum(1 + 4 * (c.max_tokens > 1) for c in cases.values())
+    """The number of tests of a full run: each case's fit, and PIT + 2 scores along paths."""
+    return sum(1 + 3 * (c.max_tokens > 1) for c in cases.values())
 
 
 def judge(model, transport, cases, names, exact, **kw):
@@ -84,7 +84,7 @@ POWER = [   # bug, the case built for it, the finding that must decide it
     ("prompt_penalties", "penalties", "distribution_misfit"),
     ("presence_as_frequency", "presence", "distribution_misfit"),
     ("ignore_bias", "logit_bias", "outside_nucleus"),
-    ("float16", "temperature", "mismatch"),
+    ("float16", "penalties", "mismatch"),        # the logprobs along the paths
     ("ignore_temperature", "temperature", "distribution_misfit"),
 ]
 
@@ -103,9 +103,9 @@ def test_a_broken_sampler_fails_its_case(model, cases, exact, bug, case, outcome
 def test_the_first_token_g_test_false_alarm_rate_is_within_the_stated_one(model, cases):
     """Under the null (draws from our exact distribution), for every single-step case."""
     rng = np.random.default_rng(11)
-    reps, level = 400, 0.05
+    reps, level = 300, 0.05
     rates = {}
-    for c in cases.values():
+    for c in (c for c in cases.values() if c.max_tokens == 1):
         z = model.logits(model.tokenizer.encode(c.prompt))[-1].astype(np.float64)
         p = run(z, State(c.sampling()))[0]
         n = c.draws
@@ -154,7 +154,7 @@ def test_the_pit_and_score_tests_are_calibrated_under_the_null():
                                 "frequency_penalty": 0.4}, 4, 60)
     prompt = [5, 9, 9, 17]
     found: dict = {}
-    for r in range(120):
+    for r in range(80):
         o = cs.evaluate(case, prompt, simulated_draws(chain, prompt, case.sampling(), 60, 4, rng), ex, r)
         for check, pv, _ in o.tests:
             found.setdefault(check, []).append(pv)
@@ -163,7 +163,7 @@ def test_the_pit_and_score_tests_are_calibrated_under_the_null():
         ps = np.array(ps)
         assert np.mean(ps < 0.05) <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / len(ps)), (check, np.mean(ps < 0.05))
         assert abs(ps.mean() - 0.5) < 0.1, (check, ps.mean())   # p-values look uniform
-    assert {"fit", "pit", "score frequency", "score presence", "score prompt counts"} <= set(found)
+    assert {"fit", "pit", "score frequency", "score presence"} <= set(found)
 
 
 def test_a_run_is_held_to_alpha_by_holm():
