@@ -156,6 +156,7 @@ class BatchingModel:
         """A ticket for `rows` free slots (lowest first), or None when there are too few."""
         with self._cond:
             if rows > len(self._free):
+                self.stats["solo"] += 1
                 return None
             self._holders += 1
             self._expected += 1
@@ -366,7 +367,6 @@ class BatchedSession:
         owner = self._owner
         ticket = owner._take(self.rows) if self.capacity > 0 else None
         if ticket is None:
-            owner.stats["solo"] += self.capacity > 0
             self._solo = owner._model.session(self.prompt, self.rows, self.capacity)
             return owner._call(self._solo.prefill, all_positions)
         self._ticket, self.slots = ticket, ticket.slots

@@ -214,3 +214,36 @@ def test_an_idle_pool_gives_its_pages_back(model):
     assert batched._holders == 0 and not any(k.any() for k in batched._k)   # released: zeros
     again = batched.session([1, 2, 3], rows=1, max_new_tokens=2)
     assert np.array_equal(again.prefill(), model.session([1, 2, 3], 1, 2).prefill())
+
+
+def test_prompts_and_steps_of_several_sessions_in_one_forward(model):
+    """One forward holding two prompts (one echoing every position) and the steps of two
+    other sessions gives each the bits it has alone."""
+    from refcomplete.batching import _Job
+    batched = BatchingModel(model, max_rows=8)
+    a = batched.session([5, 6, 7, 8], rows=2, max_new_tokens=4)
+    a.prefill()
+    b = batched.session([9], rows=1, max_new_tokens=4)
+    b.prefill()
+    a.step([0, 1], [1, 2])
+    ta, tb = batched._take(2), batched._take(1)
+    jobs = [_Job(kind="prefill", prompt=np.array([3, 1, 4, 1, 5]), slots=ta.slots,
+                 all_positions=True, ticket=ta),
+            _Job(kind="step", slots=a.slots[[1, 0]], tokens=np.array([30, 40])),
+            _Job(kind="prefill", prompt=np.array([2, 7]), slots=tb.slots, ticket=tb),
+            _Job(kind="step", slots=b.slots, tokens=np.array([50]))]
+    za, zs, zb, zt = batched._forward(jobs)
+    assert np.array_equal(za, model.session([3, 1, 4, 1, 5], 2, 2).prefill(all_positions=True))
+    assert np.array_equal(zb, model.session([2, 7], 1, 2).prefill())
+    ref = model.session([5, 6, 7, 8], rows=2, max_new_tokens=4)
+    ref.prefill()
+    ref.step([0, 1], [1, 2])
+    assert np.array_equal(zs, ref.step([1, 0], [30, 40]))
+    ref_b = model.session([9], rows=1, max_new_tokens=4)
+    ref_b.prefill()
+    assert np.array_equal(zt, ref_b.step([0], [50]))
+    # the copied prompt serves the second row of the new session like the first
+    z0 = batched._forward([_Job(kind="step", slots=ta.slots, tokens=np.array([8, 8]))])[0]
+    assert np.array_equal(z0[0], z0[1])
+    batched._give(ta)
+    batched._give(tb)
