@@ -107,9 +107,26 @@ class Exact:
         self.size = size
         self.ids = {self.tok.display(i): i for i in range(model.n_vocab)}
 
-    def path_logits(self, ids: list[int]) -> np.ndarray:
-        """float64 [T, V]: the next-token logits after each prefix ids[:1], ..., ids[:T]."""
-        return self.model.logits(ids).astype(np.float64)
+    def heads_logits(self, prompt: list[int], heads: list[tuple], chunk: int = 32):
+        """Yield (head, float32 [len(head) + 1, V]): the next-token logits after the prompt
+        and after each token of head; a KV-cache session per chunk of heads (a model
+        without sessions: one prefill per head)."""
+        for c0 in range(0, len(heads), chunk):
+            part = heads[c0:c0 + chunk]
+            if not hasattr(self.model, "session"):
+                for h in part:
+                    yield h, self.model.logits(prompt + list(h))[len(prompt) - 1:]
+                continue
+            steps = max(len(h) for h in part)
+            sess = self.model.session(prompt, rows=len(part), max_new_tokens=max(steps, 1))
+            z0 = np.array(sess.prefill()[-1])
+            rows = [[z0] for _ in part]
+            for k in range(steps):
+                live = [r for r, h in enumerate(part) if len(h) > k]
+                z = np.array(sess.step(live, [part[r][k] for r in live]))
+                for j, r in enumerate(live):
+                    rows[r].append(z[j])
+            yield from ((h, np.stack(r)) for h, r in zip(part, rows))
 
     def step(self, key: tuple, z: np.ndarray, params: SamplingParams, counts: dict) -> dict:
         """p (processed), q (after softmax, before top_p), the raw logprob row's top-k."""
@@ -188,15 +205,16 @@ def evaluate(case: Case, prompt: list[int], draws: Draws, exact: Exact, seed: in
     out, params, rng = Outcome(), case.sampling(), np.random.default_rng(seed)
     first = np.zeros(exact.model.n_vocab)
     pits, scores = [], {}
-    order = sorted(range(len(draws.paths)), key=lambda i: draws.paths[i])
-    p0, last, key = None, None, (tuple(prompt), params)
-    for i in order:
+    by_head: dict = {}                  # draws that share all but their last token share logits
+    for i, path in enumerate(draws.paths):
+        by_head.setdefault(tuple(path[:-1]), []).append(i)
+    p0, key = None, (tuple(prompt), params)
+    heads = exact.heads_logits(prompt, sorted(by_head))
+    for i, zs in ((i, zs) for head, zs in heads for i in by_head[head]):
         path, lp = draws.paths[i], draws.logprobs[i]
-        if path[:-1] != last:       # sorted: draws that share all but their last token are adjacent
-            last, zs = path[:-1], exact.path_logits(prompt + path[:-1])[len(prompt) - 1:]
         counts: dict = {}
         for k, t in enumerate(path):
-            row = exact.step((key, tuple(path[:k])), zs[k], params, dict(counts))
+            row = exact.step((key, tuple(path[:k])), zs[k].astype(np.float64), params, dict(counts))
             p, q = row["p"], row["q"]
             p0 = p if k == 0 else p0
             if p[t] < IMPOSSIBLE:

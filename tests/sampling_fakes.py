@@ -56,7 +56,10 @@ def distribution(z32: np.ndarray, req: dict, counts: dict, prompt_counts: dict, 
     p = _softmax(z / temp)
     if top_p < 1:
         ranked = _softmax(z) if bug == "temp_after_top_p" else p
-        order = np.argsort(-ranked, kind="stable")
+        cand = np.flatnonzero(ranked >= ranked.max() * 1e-7)     # holds the nucleus; fast
+        if ranked[cand].sum() < top_p:
+            cand = np.arange(len(ranked))
+        order = cand[np.argsort(-ranked[cand], kind="stable")]
         before = np.concatenate(([0.0], np.cumsum(ranked[order])[:-1]))
         keep = max(1, int(np.count_nonzero(before < top_p)))
         keep += {"top_p_plus1": 1, "top_p_minus1": -1}.get(bug, 0)

@@ -60,11 +60,13 @@ def test_each_case_nucleus_holds_5_to_200_tokens(model, cases):
 
 def test_our_server_passes_with_varied_and_without_seeds(model, cases, exact):
     ep = EndpointTransport(Endpoint({BUNDLED: model}))
-    names = ["temperature", "top_p_low_edge", "logit_bias", "penalties"]
-    for seeds in ("vary", "none"):
+    for seeds, names in (("vary", ["temperature", "top_p_low_edge", "penalties"]),
+                         ("none", ["temperature", "logit_bias"])):
         got = judge(model, ep, cases, names, exact, seeds=seeds)
         for name, r in got.items():
             assert r.verdict(set()) == "pass", (seeds, name, [f for f in r.findings if f.outcome != "ok"])
+            lp = next(f for f in r.findings if f.check == "sampled paths logprobs")
+            assert lp.data["shift"] < 1e-9 and lp.data["shape"] < 1e-9     # our own logprobs
         draws = next(f for f in got["temperature"].findings if f.check == "sampling draws")
         assert draws.data["draws"] == cs.DRAWS and draws.data["requests"] == cs.DRAWS // cs.BATCH
         assert "TVD" in draws.detail and "over-drawn" in draws.detail
@@ -72,7 +74,7 @@ def test_our_server_passes_with_varied_and_without_seeds(model, cases, exact):
 
 def test_a_correct_sampler_with_other_coins_passes(model, cases, exact):
     got = judge(model, SamplerServer(model), cases, ["top_p", "top_p_high_edge",
-                                                     "temperature_top_p", "presence"], exact)
+                                                     "temperature_top_p", "combined"], exact)
     for name, r in got.items():
         assert r.verdict(set()) == "pass", (name, [f for f in r.findings if f.outcome != "ok"])
 
