@@ -316,7 +316,8 @@ def add_subcommand(subparsers) -> None:
                    help="local processes (default 1); with --ray, actors (default: the "
                         "cluster's CPUs)")
     p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
-                   help="run on a Ray cluster (default address: auto; 'local' starts one)")
+                   help="run on a Ray cluster (default address: auto; 'local' starts one; "
+                        "give it after INPUT, or with an address)")
     p.add_argument("--chunk-size", type=int, default=8, help="lines per Ray task")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     from refcomplete.server import add_backend_flag
