@@ -41,9 +41,10 @@ Memory. The pool is allocated once, in anonymous mappings: pages are resident on
 written, the lowest free slots are used first (so the resident part follows the peak
 number of rows, at most max_rows), and whenever no session holds a slot the pages go back
 to the system (madvise DONTNEED).
-A session that finds too few free slots is not made to wait (its request thread would
-hold a worker that the streams holding slots need): it runs "solo", on its own
-runtime.Session, its forwards queued to the same thread and never batched. Slots return
+A session that finds too few free slots waits up to `slot_wait` seconds for others to end
+(not longer: its request thread may be a worker that the streams holding slots need),
+then runs "solo", on its own runtime.Session, its forwards in rounds of their own, never
+batched (the same bits). Slots return
 to the pool when the session is collected (weakref.finalize: a finished generator, a
 closed stream, a ClientGone raised in a Watched session).
 """
@@ -64,6 +65,7 @@ DEFAULT_MAX_ROWS = 64
 POOL_BYTES = 1 << 30              # the default max_rows keeps the pool under this
 WINDOW = 0.05                     # seconds a batched forward waits at most for the sessions
 GAP = 0.004                       # ... and at most this long after the last job queued
+SLOT_WAIT = 1.0                   # seconds a new session waits for free slots, then runs solo
 PREFILL_TOKENS = 512              # prompt tokens one batched forward takes (at least 1 prompt)
 
 
@@ -115,12 +117,14 @@ class BatchingModel:
     across sessions and threads; the same lm.LanguageModel interface and the same bits."""
 
     def __init__(self, model, max_rows: int | None = None, window: float = WINDOW,
-                 gap: float = GAP, prefill_tokens: int = PREFILL_TOKENS):
+                 gap: float = GAP, prefill_tokens: int = PREFILL_TOKENS,
+                 slot_wait: float = SLOT_WAIT):
         self._model = model
         cfg = model.config
         R = max_rows or default_max_rows(model)
         L, H, D, S = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, model.n_ctx
         self.max_rows, self.window, self.gap, self.prefill_tokens = R, window, gap, prefill_tokens
+        self.slot_wait = slot_wait
         self._maps: list[mmap.mmap] = []                 # the pool's pages (see _release)
         self._k = [self._mapped((R, H, D, S)) for _ in range(L)]          # L x [R, H, D, S]
         self._v = [self._mapped((R, H, S, D)) for _ in range(L)]          # L x [R, H, S, D]
@@ -153,8 +157,15 @@ class BatchingModel:
     # -- slots ------------------------------------------------------------------------------
 
     def _take(self, rows: int) -> _Ticket | None:
-        """A ticket for `rows` free slots (lowest first), or None when there are too few."""
+        """A ticket for `rows` free slots (lowest first), waiting up to slot_wait seconds
+        for sessions to end; None when there are still too few."""
         with self._cond:
+            deadline = time.monotonic() + self.slot_wait
+            while rows > len(self._free) and rows <= self.max_rows:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
             if rows > len(self._free):
                 self.stats["solo"] += 1
                 return None

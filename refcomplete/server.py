@@ -122,6 +122,11 @@ class Endpoint:
             models = {n: BatchingModel(m, max_batch_rows) if n in self.batched
                       and not isinstance(m, BatchingModel) else m for n, m in models.items()}
         self.models = dict(models)
+        # Batched, a request thread blocks while its rows wait for a round, and streams
+        # need a thread for each chunk: more worker threads than anyio's 40, so that
+        # waiting requests do not keep the others from queueing theirs (waiting costs none).
+        self.worker_threads = None if not self.batched else 40 + 2 * sum(
+            m.max_rows for n, m in self.models.items() if n in self.batched)
         self.api = Completions(self.models, limits=limits)
         self.limits = limits
         self.api_key = api_key
@@ -384,6 +389,9 @@ def create_app(endpoint: Endpoint, body_timeout: float = BODY_TIMEOUT):
     async def app(scope, receive, send) -> None:
         if scope["type"] == "lifespan":
             while (message := await receive())["type"] != "lifespan.shutdown":
+                if endpoint.worker_threads:
+                    limiter = anyio.to_thread.current_default_thread_limiter()
+                    limiter.total_tokens = max(limiter.total_tokens, endpoint.worker_threads)
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
         elif scope["type"] == "http":

@@ -118,7 +118,7 @@ def test_batched_sessions_from_threads_match_alone(model):
 
 
 def test_a_full_pool_runs_sessions_solo_with_the_same_bits(model):
-    batched = BatchingModel(model, max_rows=2)
+    batched = BatchingModel(model, max_rows=2, slot_wait=0.05)
     a = batched.session([1, 2, 3], rows=2, max_new_tokens=4)
     a.prefill()
     b = batched.session([5, 6], rows=1, max_new_tokens=4)     # no slot left: solo
@@ -247,3 +247,26 @@ def test_prompts_and_steps_of_several_sessions_in_one_forward(model):
     assert np.array_equal(z0[0], z0[1])
     batched._give(ta)
     batched._give(tb)
+
+
+def test_a_session_waits_for_slots_that_another_frees(model):
+    batched = BatchingModel(model, max_rows=1, slot_wait=30)
+    a = batched.session([1, 2], rows=1, max_new_tokens=3)
+    a.prefill()
+    got = {}
+
+    def other():
+        b = batched.session([5, 6], rows=1, max_new_tokens=3)
+        got["head"] = b.prefill()
+        got["solo"] = b._solo is not None
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join(0.3)
+    assert t.is_alive()                      # waiting: the only slot is a's
+    a.step([0], [4])
+    del a
+    gc.collect()
+    t.join(30)
+    assert got["solo"] is False and batched.stats["solo"] == 0
+    assert np.array_equal(got["head"], model.session([5, 6], 1, 3).prefill())

@@ -235,5 +235,7 @@ def test_load_endpoint_batches_unless_serial(monkeypatch, model):
     monkeypatch.setattr(registry, "load_model", lambda where, backend=None: model)
     batched = server.load_endpoint([MODEL], max_batch_rows=8)
     assert batched.batched == {MODEL} and batched.models[MODEL].max_rows == 8
+    assert batched.worker_threads == 40 + 2 * 8          # anyio's 40, and 2 per pool slot
     serial = server.load_endpoint([MODEL], serial=True)
     assert serial.batched == set() and serial.models[MODEL] is model
+    assert serial.worker_threads is None
