@@ -229,15 +229,13 @@ def evaluate(case: Case, prompt: list[int], draws: Draws, exact: Exact, seed: in
                 first[t] += 1
             else:
                 pits.append(stats.pit(p, t, rng.random()))
-            if params.presence_penalty or params.frequency_penalty:
-                for name, f in _directions(counts).items():
-                    if f:
-                        ids = np.fromiter(f, int)
-                        vals = np.fromiter(f.values(), float)
-                        e = float(p[ids] @ vals)
-                        s = scores.setdefault(name, [0.0, 0.0])
-                        s[0] += f.get(t, 0.0) - e
-                        s[1] += float(p[ids] @ vals ** 2) - e * e
+            if (params.presence_penalty or params.frequency_penalty) and counts:
+                # the penalties' directions: the draw's own counts and presence (penalties
+                # that count the prompt show in the first-token G-test already)
+                for name, f in (("frequency", counts), ("presence", dict.fromkeys(counts, 1))):
+                    d, v = stats.score_term(p, f, t)
+                    s = scores.setdefault(name, [0.0, 0.0])
+                    s[0], s[1] = s[0] + d, s[1] + v
             _logprob_row(out, exact, row, t, lp, k)
             counts[t] = counts.get(t, 0) + 1
     n = int(first.sum())
@@ -259,21 +257,14 @@ def evaluate(case: Case, prompt: list[int], draws: Draws, exact: Exact, seed: in
     return out
 
 
-def _directions(counts: dict) -> dict:
-    """The penalty directions scored: counts of the draw's own tokens, and their presence.
-    (Penalties that count the prompt show in the first-token G-test already.)"""
-    return {"frequency": {t: float(c) for t, c in counts.items()},
-            "presence": {t: 1.0 for t in counts}}
-
-
 def _logprob_row(out: Outcome, exact: Exact, row: dict, t: int, lp: dict, k: int) -> None:
     gl, gt = lp.get("token_logprobs") or [], lp.get("top_logprobs") or []
-    top = {exact.tok.display(i): v for i, v in row["top"].items()}
-    if t not in row["top"]:             # OpenAI lists the sampled token too: top_logprobs may hold k + 1
-        top[exact.tok.display(t)] = exact.logprob(row, t)
+    own = row["top"][t] if t in row["top"] else exact.logprob(row, t)
+    # OpenAI lists the sampled token too: top_logprobs may hold k + 1 entries
+    top = {exact.tok.display(i): v for i, v in {**row["top"], t: own}.items()}
     out.want_lp["tokens"].append(exact.tok.display(t))
     out.want_lp["text_offset"].append(0)
-    out.want_lp["token_logprobs"].append(row["top"][t] if t in row["top"] else exact.logprob(row, t))
+    out.want_lp["token_logprobs"].append(own)
     out.want_lp["top_logprobs"].append(top)
     out.got_lp["token_logprobs"].append(gl[k] if k < len(gl) else "missing")
     out.got_lp["top_logprobs"].append(gt[k] if k < len(gt) else None)

@@ -131,6 +131,15 @@ def pit(p: np.ndarray, token: int, u: float) -> float:
     return float(min(1.0, (before + u * pt) / p.sum()))
 
 
+def score_term(p: np.ndarray, f: dict, token: int) -> tuple[float, float]:
+    """(f(token) - E_p f, Var_p f) for a function f of the tokens (a dict, 0 elsewhere): one
+    step's term of a score test. Summed over the steps of paths drawn from p, the first
+    is a martingale: sum / sqrt(sum of the second) is about N(0, 1) under the null."""
+    ids, vals = np.fromiter(f, int, len(f)), np.fromiter(f.values(), float, len(f))
+    e = float(p[ids] @ vals)
+    return f.get(token, 0.0) - e, float(p[ids] @ vals ** 2) - e * e
+
+
 def uniform_chi2(values, bins: int = 10) -> tuple[float, int, float]:
     """(X2, df, p): Pearson's chi-square of values in [0, 1) against the uniform, equal bins."""
     v = np.asarray(values, float)
