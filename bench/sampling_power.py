@@ -1,6 +1,6 @@
 """Power and false-alarm rates of `refcomplete compare --sampling`, measured (docs/golden.md).
 
-    .venv/bin/python bench/sampling_power.py [--reps 5] [--null-reps 1000] [--skip-power] [--skip-correct]
+    .venv/bin/python bench/sampling_power.py [--reps 5] [--null-reps 1000] [--chain-reps 300] [--skip-power] [--skip-correct]
 
 Power: each deliberately broken sampler of tests/sampling_fakes.py against the case built
 for it, `--reps` times with different seeds and the default number of draws, judged as
@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--null-reps", type=int, default=1000)
     ap.add_argument("--skip-power", action="store_true")
+    ap.add_argument("--chain-reps", type=int, default=0, help="PIT and score tests under the null")
     ap.add_argument("--skip-correct", action="store_true")
     a = ap.parse_args()
     model = load_model("gpt2-tiny-shakespeare")
@@ -49,7 +50,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     print("\nfirst-token G-test under the null: fraction of simulated runs below 5% / the level")
     for c in cases.values():
-        if c.max_tokens > 1:
+        if c.max_tokens > 1 or not a.null_reps:
             continue
         z = model.logits(model.tokenizer.encode(c.prompt))[-1].astype(np.float64)
         p = run(z, State(c.sampling()))[0]
@@ -57,6 +58,23 @@ def main() -> None:
                                        cs.MC_REPS)[3] for _ in range(a.null_reps)])
         print(f"  {c.name:<20} {np.mean(ps < 0.05):.4f} / {np.mean(ps < level):.4f}  "
               f"({a.null_reps} runs of {c.draws} draws)")
+    if a.chain_reps:
+        from test_compare_sampling import Chain, simulated_draws
+
+        chain, found = Chain(), {}
+        cex = cs.Exact(chain)
+        case = cs.Case("sim", "x", {"temperature": 0.9, "top_p": 0.95, "presence_penalty": 0.7,
+                                    "frequency_penalty": 0.4}, 4, 100)
+        for r in range(a.chain_reps):
+            d = simulated_draws(chain, [5, 9, 9, 17], case.sampling(), 100, 4, rng)
+            for check, pv, _ in cs.evaluate(case, [5, 9, 9, 17], d, cex, r).tests:
+                found.setdefault(check, []).append(pv)
+        print(f"\npaths under the null ({a.chain_reps} runs of 100 paths x 4 tokens, a 64-token "
+              "chain): fraction below 5% / 1% / the level")
+        for check, ps in found.items():
+            ps = np.array(ps)
+            print(f"  {check:<20} {np.mean(ps < 0.05):.4f} / {np.mean(ps < 0.01):.4f} / "
+                  f"{np.mean(ps < level):.4f}")
     print("\npower: broken sampler, its case, runs detected, the deciding finding (median p)")
     for bug, name in ({} if a.skip_power else TARGET).items():
         hits, ps, t0, how = 0, [], time.time(), set()
