@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,ray]'
 	touch $(STAMP)
 
 ## demo: a completion on the bundled model, streamed to the terminal
@@ -24,12 +24,12 @@ test: $(STAMP)
 ## crosscheck: live checks against HF transformers (installs torch==2.13.0, a CPU build)
 crosscheck: $(STAMP)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test,crosscheck]'
+	$(BIN)/python -m pip install -q -e '.[test,ray,crosscheck]'
 	$(BIN)/python -m pytest -q -m crosscheck -rs
 
 ## notebooks: execute every notebook top to bottom (nbmake)
 notebooks: $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[test,notebooks]'
+	$(BIN)/python -m pip install -q -e '.[test,ray,notebooks]'
 	$(BIN)/python -m pytest -q --nbmake --nbmake-timeout=300 notebooks/
 
 ## bench: throughput against HF transformers in the same run (needs `make crosscheck` first)
