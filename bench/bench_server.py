@@ -19,7 +19,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -129,7 +128,7 @@ def main() -> int:
         for srv in servers.values():
             assert srv.alive() and srv.log_errors() == [], srv.output()[-2000:]
 
-    print(f"\n| clients | mode | requests/s | tokens/s | p50 latency | p99 latency |")
+    print("\n| clients | mode | requests/s | tokens/s | p50 latency | p99 latency |")
     print("|---|---|---|---|---|---|")
     same = True
     for clients in counts:

@@ -70,18 +70,23 @@ def pow2(j):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def exp1(x):
-    """float64 exp of one float64 (fmath.exp). Written with selects, not early returns,
-    so that loops over it vectorise; the out-of-range lanes compute exp(0) and are replaced."""
-    ok = (x <= EXP_OVERFLOW) and (x >= EXP_UNDERFLOW)
-    xs = x if ok else 0.0
-    k = np.floor(xs * INV_LN2 + 0.5)
-    hi = xs - k * LN2_HI
+def _exp_reduced(x):
+    """(y, k) with exp(x) = y * 2^k: fmath.exp's range reduction and polynomial."""
+    k = np.floor(x * INV_LN2 + 0.5)
+    hi = x - k * LN2_HI
     lo = k * LN2_LO
     r = hi - lo
     t = r * r
     c = r - t * (P1 + t * (P2 + t * (P3 + t * (P4 + t * P5))))
-    y = 1.0 - ((lo - (r * c) / (2.0 - c)) - hi)
+    return 1.0 - ((lo - (r * c) / (2.0 - c)) - hi), k
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def exp1(x):
+    """float64 exp of one float64 (fmath.exp). Written with selects, not early returns,
+    so that loops over it vectorise; the out-of-range lanes compute exp(0) and are replaced."""
+    ok = (x <= EXP_OVERFLOW) and (x >= EXP_UNDERFLOW)
+    y, k = _exp_reduced(x if ok else 0.0)
     h = np.floor(k * 0.5)
     y = (y * pow2(k - h)) * pow2(h)
     y = y if ok else (np.inf if x > EXP_OVERFLOW else 0.0)
@@ -97,13 +102,7 @@ FAST_LO, FAST_HI = -708.0, 709.0
 @njit(cache=True, error_model="numpy", inline="always")
 def exp1_normal(x):
     """exp1(x) for FAST_LO <= x <= FAST_HI only (the same bits there, fewer operations)."""
-    k = np.floor(x * INV_LN2 + 0.5)
-    hi = x - k * LN2_HI
-    lo = k * LN2_LO
-    r = hi - lo
-    t = r * r
-    c = r - t * (P1 + t * (P2 + t * (P3 + t * (P4 + t * P5))))
-    y = 1.0 - ((lo - (r * c) / (2.0 - c)) - hi)
+    y, k = _exp_reduced(x)
     return y * pow2(k)
 
 
