@@ -27,7 +27,7 @@ from pathlib import Path
 
 from refcomplete.compare_findings import (DIALECTS, FAILURES, CaseResult, Finding, report,
                                           summary, text_diff)
-from refcomplete.compare_judge import DEFAULT_SHAPE_TOL, DEFAULT_SHIFT_TOL, Judge
+from refcomplete.compare_judge import DEFAULT_SHAPE_RMS_TOL, DEFAULT_SHAPE_TOL, DEFAULT_SHIFT_TOL, Judge
 from refcomplete.compare_replay import Replayer, Unreachable, fold, sdk_validate
 
 __all__ = ["DIALECTS", "FAILURES", "CaseResult", "Finding", "Judge", "Replayer", "Unreachable",
@@ -96,7 +96,9 @@ def add_subcommand(subparsers) -> None:
                    help="tolerance on a position's common logprob shift (mean over the top-k)")
     p.add_argument("--shape-tol", type=float, default=DEFAULT_SHAPE_TOL,
                    help="tolerance on each logprob once its position's common shift is removed")
-    p.add_argument("--atol", type=float, help="set both --shift-tol and --shape-tol")
+    p.add_argument("--shape-rms-tol", type=float, default=DEFAULT_SHAPE_RMS_TOL,
+                   help="tolerance on the root mean square of those over a case's entries")
+    p.add_argument("--atol", type=float, help="set --shift-tol, --shape-tol and --shape-rms-tol")
     p.add_argument("--tie-margin", type=float, default=5e-3,
                    help="greedy divergence where the golden top-2 margin is below this is near_tie")
     p.add_argument("--extra-body", default="{}",
@@ -179,9 +181,10 @@ def _run(args) -> int:
         return _fail(f"the directory of --report ({Path(args.report).parent}) does not exist")
     shift = args.shift_tol if args.atol is None else args.atol
     shape = args.shape_tol if args.atol is None else args.atol
+    rms = args.shape_rms_tol if args.atol is None else args.atol
     if suite is not None:
         print(f"using {how}", file=sys.stderr)
-    rep = Replayer(base, args.model, args.api_key, extra, Judge(shift, shape, args.tie_margin),
+    rep = Replayer(base, args.model, args.api_key, extra, Judge(shift, shape, args.tie_margin, rms),
                    extra_on_errors=args.extra_body_on_errors)
     results = []
     try:
@@ -204,5 +207,5 @@ def _run(args) -> int:
         with open(args.report, "w", encoding="utf-8") as f:
             json.dump(report(results, waived, base_url=base, model=args.model,
                              suite=None if suite is None else str(suite),
-                             shift_tol=shift, shape_tol=shape), f, indent=1)
+                             shift_tol=shift, shape_tol=shape, shape_rms_tol=rms), f, indent=1)
     return 1 if any(r.verdict(waived) == "fail" for r in results) else 0

@@ -278,8 +278,11 @@ class Replayer:
         chunks = [c for c in out["chunks"] if "_broken" not in c]
         if not out["done"]:
             why = [c["error"] for c in out["chunks"] if "_broken" in c]
+            texts = ["".join(c.get("text") or "" for c in ch.get("choices") or []) for ch in chunks]
             res.add(pre + "stream", "broken_stream", f"cut after {len(chunks)} chunks, no data: "
-                    f"[DONE]" + (f" ({why[0]})" if why else ""))
+                    f"[DONE]" + (f" ({why[0]})" if why else "") +
+                    (f"; text so far {''.join(texts)[:80]!r}" if chunks else ""))
+            return      # what follows from the cut (missing choices, text) is not reported again
         errors = [c for c in chunks if "error" in c]
         problems = [p for p in (sdk_validate(c) for c in chunks if "error" not in c) if p]
         if errors or problems:

@@ -58,6 +58,21 @@ def test_a_float32_like_common_shift_passes_and_is_reported():
 def test_a_f16_kv_cache_sized_difference_passes():
     noise = RNG.uniform(-1.25e-3, 1.25e-3, size=GOLDEN.shape)   # llama.cpp, 40 tokens
     assert bad(judge(logprobs_obj(GOLDEN + noise), logprobs_obj(GOLDEN))) == []
+    deep = np.array(noise) * 0.5                   # a sampled path: small, one outlier
+    deep[5, int(np.argsort(-GOLDEN[5])[3])] += 3.85e-3
+    assert bad(judge(logprobs_obj(GOLDEN + deep), logprobs_obj(GOLDEN))) == []
+
+
+def test_float16_logits_fail_by_the_root_mean_square_of_the_shape():
+    """Every value rounded to float16 (spacing 2**-7 at |z| in [8, 16)): each entry within
+    the per-entry tolerance, but all of them off."""
+    z = np.random.default_rng(5).uniform(-12, 12, size=(64, 200))
+    lp16 = log_softmax(z.astype(np.float16).astype(np.float64))
+    res = judge(logprobs_obj(lp16), logprobs_obj(log_softmax(z)))
+    info = next(f for f in res.findings if f.check == "choice 0 logprobs")
+    assert info.data["shape"] < 5e-3 and info.data["rms_shape"] > 1.2e-3, info.data
+    found = [x for x in bad(res) if x[1] == "mismatch"]
+    assert found == [("choice 0 logprobs shape rms", "mismatch")], bad(res)
 
 
 @pytest.mark.parametrize("temperature", [0.8, 1.2])
@@ -136,6 +151,28 @@ def test_utf8_display_and_its_broken_twins():
     wrong_value = {**shown, "top_logprobs": [{"a": -1.0, "b": -2.0}, {"\ufffd": -7.0, "b": -0.5},
                                              {"": -3.0, "c": -0.1}]}
     assert ("choice 0 top_logprobs", "mismatch") in bad(judge(wrong_value, want))
+
+
+def test_a_split_byte_token_shown_by_its_decodable_part_is_utf8_display():
+    """llama-cpp-python shows b' \\xe6' (a space, then a character's first byte) as ' '."""
+    from refcomplete.compare_judge import utf8_shown
+    half = "bytes: \\xe6"
+    assert all(utf8_shown(g, half) for g in (" ", " \ufffd", "", "\ufffd"))
+    assert not any(utf8_shown(g, half) for g in ("  ", "x", "x\ufffd", " \u6771"))
+    want = {"tokens": ["a", half], "token_logprobs": [-1.0, -2.0], "text_offset": [1, 2],
+            "top_logprobs": [{"a": -1.0}, {half: -2.0}]}
+    shown = {**want, "tokens": ["a", " "], "top_logprobs": [{"a": -1.0}, {" ": -2.0}]}
+    assert {o for _, o in bad(judge(shown, want, request={"logprobs": 1}))} == {"utf8_display"}
+
+
+def test_split_bytes_inverts_the_display_of_every_vocabulary_token_that_is_not_utf8():
+    from refcomplete.compare_judge import split_bytes
+    from refcomplete.registry import load_model
+    from refcomplete.tokenizer import display
+    tok = load_model("gpt2-tiny-shakespeare").tokenizer
+    raw = [tok.encoding.decode_single_token_bytes(i) for i in range(50256)]
+    split = [b for b in raw if display(b).startswith("bytes:")]
+    assert len(split) == 344 and all(split_bytes(display(b)) == b for b in split)
 
 
 def test_logprobs0_lists_and_their_broken_twin():
@@ -231,3 +268,21 @@ def test_near_tie_divergence_is_not_a_mismatch_and_a_clear_one_is():
     res = compare.CaseResult("t", "completion")
     assert Judge().logprobs(res, {"tags": ["greedy"], "request": {}}, got, far, "c0") is None
     assert ("c0 tokens", "mismatch") in bad(res)
+
+
+def test_a_near_tie_swap_is_found_beside_a_listed_drawn_token_and_a_far_swap_is_not():
+    """On a sampled path the golden lists the drawn token too (k + 1 entries): the swapped
+    k-th entry is then not the golden's smallest value (llama-cpp-python, sampling_combined:
+    ' love' -3.78360 for ' son' -3.78368, beside a drawn token at -9)."""
+    want = {"tokens": ["x"], "token_logprobs": [-9.0], "text_offset": [0],
+            "top_logprobs": [{"a": -1.0, "b": -2.0, "son": -3.783677, "x": -9.0}]}
+    got = {"tokens": ["x"], "token_logprobs": [-9.0], "text_offset": [0],
+           "top_logprobs": [{"a": -1.0, "b": -2.0, "love": -3.783601, "x": -9.0}]}
+    res = judge(got, want, tags=(), request={"logprobs": 3})
+    assert bad(res) == [("choice 0 top_logprobs", "near_tie")]
+    far = {**got, "top_logprobs": [{"a": -1.0, "b": -2.0, "love": -3.7, "x": -9.0}]}
+    assert bad(judge(far, want, tags=(), request={"logprobs": 3})) == \
+        [("choice 0 top_logprobs", "mismatch")]
+    fewer = {**got, "top_logprobs": [{"a": -1.0, "b": -2.0, "x": -9.0}]}
+    assert bad(judge(fewer, want, tags=(), request={"logprobs": 3})) == \
+        [("choice 0 top_logprobs", "mismatch")]
