@@ -53,14 +53,18 @@ def split_bytes(shown: str) -> bytes:
 def utf8_shown(got: str, want: str) -> bool:
     """A golden split-byte token ("bytes:\\xe2\\x80", "bytes: \\xe6") that the server shows
     as '', as '\ufffd', or by its decodable part with or without '\ufffd' for the partial
-    bytes (for b' \\xe6': '', '\ufffd', ' ', ' \ufffd'; llama-cpp-python 0.3.36 shows ' ')."""
+    bytes (for b' \\xe6': '', '\ufffd', ' ', ' \ufffd'; llama-cpp-python 0.3.36 shows ' '), or
+    with the character it completes (b'\\xb1' after b' \\xe6\\x9d' as ' 東', vLLM 0.32)."""
     if not want.startswith("bytes:"):
         return False
     try:
         valid = split_bytes(want).decode("utf-8", "ignore")
     except ValueError:
         return False
-    return got.replace("\ufffd", "") in ("", valid)
+    if got.replace("\ufffd", "") in ("", valid):
+        return True
+    # the whole character shown on the token that completes it (vLLM 0.32: ' 東' for b'\\xb1')
+    return "\ufffd" not in got and got.encode("utf-8").endswith(split_bytes(want))
 
 
 def _same_token(got, want) -> bool:
@@ -215,8 +219,26 @@ class Judge:
                 res.add(where + " tokens", "mismatch", f"{len(gt)} tokens vs {len(wt)} (golden), "
                         f"the first {m} equal; then {(gt[m:] or wt[m:])[:4]}", index=m)
         self.values(res, case, g, w, n, where)
+        if shown and self._own_offsets(res, g, w, n, where):
+            return cut
         self.offsets(res, g, w, n, where, stop_cut)
         return cut
+
+    def _own_offsets(self, res, g: dict, w: dict, m: int, where: str) -> bool:
+        """With split-byte tokens shown otherwise (utf8_display), text_offset may follow the
+        server's own token strings: each offset the previous one plus that token's length,
+        from the golden start or from 0 (text_offset_zero). True if it does."""
+        go, wo, gt = list((g.get("text_offset") or [])[:m]), list(w["text_offset"][:m]), g["tokens"]
+        if go == wo or not go or len(go) != len(wo) or go[0] not in (wo[0], 0):
+            return go == wo
+        if any(go[i + 1] - go[i] != len(gt[i]) for i in range(len(go) - 1)):
+            return False
+        if go[0] != wo[0]:
+            res.add(where + " text_offset", "text_offset_zero", f"text_offset {go[:2]}... vs "
+                    f"{wo[:2]}... (golden): from 0", index=0, got=go[0], want=wo[0])
+        res.add(where + " text_offset", "utf8_display", f"text_offset {go} follows the server's "
+                f"own token strings (golden {wo})", got=go, want=wo)
+        return True
 
     def values(self, res, case: dict, g: dict, w: dict, m: int, where: str) -> None:
         """token_logprobs and top_logprobs of the first m positions: nulls, keys, shift, shape."""

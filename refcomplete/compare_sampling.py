@@ -163,8 +163,8 @@ def collect(case: Case, rep, exact: Exact, seeds: str = "vary", base_seed: int =
     body = {"prompt": case.prompt, "max_tokens": case.max_tokens, "logprobs": TOP, **case.params}
     while len(out.paths) < case.draws and out.requests < 4 * (case.draws // BATCH + 1):
         req = {**body, "n": min(BATCH, case.draws - len(out.paths))}
-        if seeds == "vary":
-            req["seed"] = base_seed * 1_000_003 + out.requests
+        if seeds == "vary":     # BATCH apart: servers that seed choice j with seed + j (vLLM)
+            req["seed"] = base_seed * 1_000_003 + out.requests * BATCH    # draw no choice twice
         status, got = rep._post(req)
         out.requests += 1
         if status != 200:

@@ -73,9 +73,11 @@ def distribution(z32: np.ndarray, req: dict, counts: dict, prompt_counts: dict, 
 class SamplerServer(httpx.BaseTransport):
     """An in-process /v1/completions with its own (possibly broken) sampler."""
 
-    def __init__(self, model, bug=None):
+    def __init__(self, model, bug=None, seed_per_choice=False):
         assert bug in BUGS
         self.model, self.tok, self.bug, self.requests = model, model.tokenizer, bug, 0
+        # vLLM's convention: choice j of a request seeded s draws as a request seeded s + j
+        self.seed_per_choice = seed_per_choice
         self._memo: dict = {}       # (sampling fields, context) -> (p, cdf, raw, top-5): draws share prefixes
 
     def _step(self, fields: str, context: tuple, z, req, counts, pcounts):
@@ -94,9 +96,13 @@ class SamplerServer(httpx.BaseTransport):
         return httpx.Response(200, json=self.complete(req), request=request)
 
     def complete(self, req: dict) -> dict:
-        rng = np.random.default_rng(req.get("seed"))
         prompt = self.tok.encode(req["prompt"])
         n, steps = req.get("n", 1), req.get("max_tokens", 16)
+        seed = req.get("seed")
+        if self.seed_per_choice and seed is not None:
+            rngs = [np.random.default_rng(seed + r) for r in range(n)]
+        else:
+            rngs = [np.random.default_rng(seed)] * n
         pcounts = {t: prompt.count(t) for t in set(prompt)}
         sess = self.model.session(prompt, rows=n, max_new_tokens=steps)
         z = np.repeat(sess.prefill()[-1:], n, axis=0)
@@ -108,7 +114,7 @@ class SamplerServer(httpx.BaseTransport):
             for r, zr in zip(live, z):
                 counts = {t: paths[r].count(t) for t in set(paths[r])}
                 cdf, raw, top5 = self._step(fields, (req["prompt"], *paths[r]), zr, req, counts, pcounts)
-                t = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(cdf) - 1)
+                t = min(int(np.searchsorted(cdf, rngs[r].random() * cdf[-1], side="right")), len(cdf) - 1)
                 top = {**top5, self.tok.display(t): float(raw[t])}
                 paths[r].append(t)
                 lps[r].append((self.tok.display(t), float(raw[t]), top))

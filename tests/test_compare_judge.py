@@ -286,3 +286,48 @@ def test_a_near_tie_swap_is_found_beside_a_listed_drawn_token_and_a_far_swap_is_
     fewer = {**got, "top_logprobs": [{"a": -1.0, "b": -2.0, "x": -9.0}]}
     assert bad(judge(fewer, want, tags=(), request={"logprobs": 3})) == \
         [("choice 0 top_logprobs", "mismatch")]
+
+
+def test_vllm_shows_a_split_character_on_the_token_that_completes_it():
+    """vLLM 0.32 on utf8_split_echo: tokens and text_offset from its own strings."""
+    from refcomplete.compare_judge import utf8_shown
+    assert utf8_shown(" \u6771", "bytes:\\xb1") and utf8_shown("\u4eac", "bytes:\\xac")
+    assert not utf8_shown(" \u6771", "bytes:\\xb2") and not utf8_shown("x", "bytes:\\xb1")
+    golden = ["bytes:\\xe2\\x80", "bytes:\\x99", "T", "is", " caf\u00e9", "bytes: \\xe6",
+              "bytes:\\x9d", "bytes:\\xb1", "bytes:\\xe4\\xba", "bytes:\\xac",
+              "bytes: \\xf0\\x9f\\x98", "bytes:\\x80"]
+    vllm = ["\ufffd", "", "T", "is", " caf\u00e9", "", "", " \u6771", "", "\u4eac", "", " \U0001F600"]
+    lp = [-1.0 - i for i in range(12)]
+    want = {"tokens": golden, "token_logprobs": lp, "top_logprobs": None,
+            "text_offset": [0, 0, 1, 2, 4, 9, 10, 10, 11, 11, 12, 13]}
+    got = {"tokens": vllm, "token_logprobs": lp, "top_logprobs": None,
+           "text_offset": [0, 1, 1, 2, 4, 9, 9, 9, 11, 11, 12, 12]}
+    res = judge(got, want, tags=(), request={"logprobs": 0})
+    assert {o for _, o in bad(res)} == {"utf8_display"}, bad(res)
+    wrong = {**got, "text_offset": [0, 1, 1, 2, 4, 9, 9, 9, 11, 11, 12, 14]}
+    assert ("choice 0 text_offset", "mismatch") in bad(judge(wrong, want, tags=(), request={"logprobs": 0}))
+    moved = {**got, "tokens": vllm[:7] + [" \u6772"] + vllm[8:]}
+    assert ("choice 0 tokens", "mismatch") in bad(judge(moved, want, tags=(), request={"logprobs": 0}))
+
+
+@pytest.mark.parametrize("param, outcome", [("body.stop", "error_type_differs"),
+                                            ("stop", None), ("body.n", "mismatch")])
+def test_an_error_param_in_fastapis_location_form_names_the_field(param, outcome):
+    import httpx
+
+    from refcomplete.compare_replay import Replayer
+
+    def answer(request):
+        body = __import__("json").loads(request.read())
+        if "stop" not in body:
+            return httpx.Response(200, json={"id": "x", "object": "text_completion", "created": 0,
+                                             "model": "m", "choices": [], "usage": None})
+        return httpx.Response(400, json={"error": {"message": "List should have at most 4 items",
+                                                   "type": "invalid_request_error", "param": param,
+                                                   "code": None}})
+    rep = Replayer("http://fake", "m", transport=httpx.MockTransport(answer))
+    case = {"name": "five_stops", "kind": "error", "tags": [],
+            "request": {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]},
+            "expect": {"status": 400, "error": {"type": "invalid_request_error", "param": "stop"}}}
+    res = rep.run_case(case)
+    assert [o for _, o in bad(res)] == ([outcome] if outcome else []), res.findings

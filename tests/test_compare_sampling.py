@@ -79,6 +79,15 @@ def test_a_correct_sampler_with_other_coins_passes(model, cases, exact):
         assert r.verdict(set()) == "pass", (name, [f for f in r.findings if f.outcome != "ok"])
 
 
+def test_a_server_seeding_choice_j_with_seed_plus_j_passes(model, cases, exact):
+    """vLLM 0.32: choice j of a request seeded s is the draw of a request seeded s + j; the
+    requests' seeds must then lie n apart, or draws repeat (all nine cases failed so)."""
+    got = judge(model, SamplerServer(model, seed_per_choice=True), cases,
+                ["temperature", "top_p", "presence"], exact)
+    for name, r in got.items():
+        assert r.verdict(set()) == "pass", (name, [f.detail for f in r.findings if f.outcome != "ok"])
+
+
 POWER = [   # bug, the case built for it, the finding that must decide it
     ("top_p_plus1", "top_p_high_edge", "outside_nucleus"),
     ("top_p_minus1", "top_p_low_edge", "distribution_misfit"),
