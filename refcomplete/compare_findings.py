@@ -27,7 +27,8 @@ DIALECTS = {
     "logprobs_not_capped": ("logprobs above 5 are not clamped to 5",
                             "vLLM 0.32, llama-cpp-python 0.3.36"),
     "utf8_display": ("tokens that split a UTF-8 character are shown as '\ufffd' or '', not in the "
-                     "bytes: form", "vLLM 0.32 ('\ufffd' / ''), llama-cpp-python 0.3.36 ('')"),
+                     "bytes: form", "vLLM 0.32 ('\ufffd' / '', the character on its last token), "
+                     "llama-cpp-python 0.3.36 ('', ' ')"),
     "eos_not_reported": ("<|endoftext|> is left out of tokens and usage", "llama-cpp-python 0.3.36"),
     "n_ignored": ("n > 1 is ignored: one choice per prompt", "llama-cpp-python 0.3.36"),
     "best_of_ignored": ("best_of is ignored: only n candidates generated and counted",
@@ -50,12 +51,15 @@ DIALECTS = {
                            "the nearest bound (the same greedy text)",
                            "vLLM 0.32 (101 -> 100), llama-cpp-python 0.3.36"),
     "validation_differs": ("an invalid request is accepted, or refused with another 4xx status",
-                           "vLLM 0.32 (five stops), llama-cpp-python 0.3.36 (most)"),
+                           "vLLM 0.32 (4: max_tokens 0, best_of, unknown parameters), "
+                           "llama-cpp-python 0.3.36 (12)"),
     "error_type_differs": ("the right status with another error type",
-                           "vLLM 0.32 (BadRequestError, NotFoundError, Bad Request)"),
+                           "vLLM 0.32 (BadRequestError, NotFoundError; Bad Request with param "
+                           "'body.stop')"),
     "near_tie": ("greedy tokens diverge where the golden top-2 margin is under --tie-margin, "
                  "or top_logprobs keys swap between values that close",
-                 "llama-cpp-python 0.3.36 (f16 KV cache: top_logprobs along a sampled path)"),
+                 "llama-cpp-python 0.3.36 (f16 KV cache: top_logprobs along a sampled path, "
+                 "with other seeds)"),
 }
 
 FAILURES = {
