@@ -22,7 +22,8 @@ def rand(*shape, scale=1.0):
     return (RNG.standard_normal(shape) * scale).astype(np.float32)
 
 
-SHAPES = [(1, 16, 24), (3, 64, 300), (5, 40, 257), (2, 128, 33)]  # (B, K, N): N not a multiple of the task size
+SHAPES = [(1, 16, 24), (3, 64, 300), (5, 40, 257), (2, 128, 33),  # (B, K, N): N not a multiple
+          (3, 13, 50), (2, 7, 20), (4, 21, 33)]                  # of the task size; K not of 8
 
 
 @pytest.mark.parametrize("B,K,N", SHAPES)
