@@ -27,7 +27,7 @@ import numpy as np
 from numba import njit, prange
 
 from refcomplete.kernels.fmath import GELU_A, GELU_C
-from refcomplete.kernels.fmath_numba import exp1
+from refcomplete.kernels.fmath_numba import FAST_HI, FAST_LO, exp1, exp1_normal
 
 # error_model="numpy": IEEE division (no Python zero-division check), which lets loops
 # vectorise; no value changes.
@@ -143,10 +143,16 @@ def linear_gelu(x, w, bias, out, tasks):                           # gelu_new([B
     for t in prange((N + T - 1) // T):
         n0, n1, acc = _task(x, w, t, T)
         for b in range(B):
+            outside = False     # is any exp argument out of exp1_normal's range (or NaN)?
+            for n in range(n0, n1):
+                y = np.float64(acc[b, n - n0] + bias[n])
+                u2 = 2.0 * (GELU_C * (y + ((GELU_A * y) * y) * y))
+                outside |= not (u2 >= FAST_LO and u2 <= FAST_HI)
             for n in range(n0, n1):
                 y = np.float64(acc[b, n - n0] + bias[n])      # gelu_new in float64 (gpt2_numpy.gelu)
                 u = GELU_C * (y + ((GELU_A * y) * y) * y)
-                th = 1.0 - 2.0 / (exp1(2.0 * u) + 1.0)         # tanh(u), with our exp
+                e = exp1(2.0 * u) if outside else exp1_normal(2.0 * u)   # the same bits
+                th = 1.0 - 2.0 / (e + 1.0)                     # tanh(u), with our exp
                 out[b, n] = np.float32((0.5 * y) * (1.0 + th))
 
 
@@ -162,6 +168,45 @@ def linear_residual(x, w, bias, resid, tasks):                     # resid [B, N
                 resid[b, n] = resid[b, n] + (acc[b, n - n0] + bias[n])
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _scores(qh, kt, n, s):
+    """s[t] = sum over d of qh[d] * kt[d, t] for t < n, d strictly in order, eight d-steps
+    per pass over s (the same order as one at a time, an eighth of the loads and stores)."""
+    D = qh.shape[0]
+    s[:n] = 0.0
+    D8 = D - D % 8
+    for d in range(0, D8, 8):
+        q0, q1, q2, q3 = qh[d], qh[d + 1], qh[d + 2], qh[d + 3]
+        q4, q5, q6, q7 = qh[d + 4], qh[d + 5], qh[d + 6], qh[d + 7]
+        k0, k1, k2, k3 = kt[d], kt[d + 1], kt[d + 2], kt[d + 3]
+        k4, k5, k6, k7 = kt[d + 4], kt[d + 5], kt[d + 6], kt[d + 7]
+        for t in range(n):
+            s[t] = (((((((s[t] + q0 * k0[t]) + q1 * k1[t]) + q2 * k2[t]) + q3 * k3[t])
+                      + q4 * k4[t]) + q5 * k5[t]) + q6 * k6[t]) + q7 * k7[t]
+    for d in range(D8, D):
+        qd = qh[d]
+        kd = kt[d]
+        for t in range(n):
+            s[t] += qd * kd[t]
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _mix(s, total, v, n, o):
+    """o[d] += (s[t] / total) * v[t, d] for t = 0, 1, ..., n-1 strictly in order, four
+    t-steps per pass over o."""
+    n4 = n - n % 4
+    for t in range(0, n4, 4):
+        p0, p1, p2, p3 = s[t] / total, s[t + 1] / total, s[t + 2] / total, s[t + 3] / total
+        v0, v1, v2, v3 = v[t], v[t + 1], v[t + 2], v[t + 3]
+        for d in range(o.shape[0]):
+            o[d] = (((o[d] + p0 * v0[d]) + p1 * v1[d]) + p2 * v2[d]) + p3 * v3[d]
+    for t in range(n4, n):
+        p = s[t] / total
+        vt = v[t]
+        for d in range(o.shape[0]):
+            o[d] += p * vt[d]
+
+
 @njit(cache=True, error_model="numpy", parallel=True)
 def attend(q, kt_pre, v_pre, n_pre, kt_row, v_row, rows, n_row, out):
     """Causal attention of one new query per row over the shared prompt and the row's own past.
@@ -175,39 +220,35 @@ def attend(q, kt_pre, v_pre, n_pre, kt_row, v_row, rows, n_row, out):
     B, H, D = q.shape
     scale = np.float32(math.sqrt(D))
     for i in prange(B * H):
-        b = i // H
+        # batch entries in the order 0, B-1, 1, B-2, ...: each thread's contiguous share
+        # of i then holds short and long rows alike (a prefill's row b attends to b + 1
+        # positions; in order, the last thread would get three quarters of the work)
+        j = i // H
+        b = j // 2 if j % 2 == 0 else B - 1 - j // 2
         h = i % H
         r = rows[b]
         m = n_row[b]
-        s = np.zeros(n_pre + m, np.float32)
-        qh = q[b, h]
-        sp = s[:n_pre]
-        sr = s[n_pre:]
-        for d in range(D):
-            qd = qh[d]
-            kp = kt_pre[h, d]
-            for t in range(n_pre):
-                sp[t] += qd * kp[t]
-            kr = kt_row[r, h, d]
-            for t in range(m):
-                sr[t] += qd * kr[t]
+        s = np.empty(n_pre + m, np.float32)
+        _scores(q[b, h], kt_pre[h], n_pre, s[:n_pre])
+        _scores(q[b, h], kt_row[r, h], m, s[n_pre:])
         mx = s[0] / scale
         for t in range(n_pre + m):
             s[t] = s[t] / scale
             mx = max(mx, s[t])
+        n = n_pre + m
+        outside = False          # a score 708 below the max, or a NaN: the full exp1
+        for t in range(n):
+            outside |= not np.float64(s[t] - mx) >= FAST_LO
+        if outside:              # our exp, in float64, rounded
+            for t in range(n):
+                s[t] = np.float32(exp1(np.float64(s[t] - mx)))
+        else:                    # the same bits where every result is a normal number
+            for t in range(n):
+                s[t] = np.float32(exp1_normal(np.float64(s[t] - mx)))
         total = np.float32(0.0)
-        for t in range(n_pre + m):
-            s[t] = np.float32(exp1(np.float64(s[t] - mx)))   # our exp, in float64, rounded
+        for t in range(n):       # apart from the exp loop, which then vectorises
             total += s[t]
         o = out[b, h]
         o[:] = 0.0
-        for t in range(n_pre):
-            p = s[t] / total
-            vt = v_pre[h, t]
-            for d in range(D):
-                o[d] += p * vt[d]
-        for t in range(m):
-            p = s[n_pre + t] / total
-            vt = v_row[r, h, t]
-            for d in range(D):
-                o[d] += p * vt[d]
+        _mix(s[:n_pre], total, v_pre[h], n_pre, o)
+        _mix(s[n_pre:], total, v_row[r, h], m, o)

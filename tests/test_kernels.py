@@ -106,6 +106,19 @@ def test_attend_equals_twin_bitwise(shape):
     np.testing.assert_allclose(out, attend_math(*args), rtol=1e-5, atol=1e-6)
 
 
+def test_attend_takes_the_full_exp_where_a_score_is_708_below_the_max():
+    """Scores thousands apart: exp underflows to subnormals and 0 (the kernel's slow path);
+    a NaN query gives NaN, as the twin does."""
+    q, k_pre, v_pre, P, k_row, v_row, rows, n_row = attention_case(B=3, H=2, D=16, P=5)
+    q = q * np.float32(400.0)
+    q[2, 1, 0] = np.nan
+    out, ref = np.empty_like(q), np.empty_like(q)
+    k.attend(q, k_pre, v_pre, P, k_row, v_row, rows, n_row, out)
+    twin.attend(q, k_pre, v_pre, P, k_row, v_row, rows, n_row, ref)
+    assert np.array_equal(out, ref, equal_nan=True)
+    assert np.isnan(out[2, 1]).all() and np.isfinite(out[:2]).all()
+
+
 def test_kernels_are_batch_invariant():
     """A row's result is bitwise the same alone or in any batch (SEMANTICS 4)."""
     x, w, b = rand(6, 64), rand(64, 300, scale=0.2), rand(300)
