@@ -156,11 +156,15 @@ def select(p: np.ndarray, u: float) -> int:
     than the worst-case rounding difference, else the exact sequential walk decides,
     so the result always equals `select_reference`.
     """
-    ids = np.flatnonzero(p > 0)                             # via bool: much faster
-    dense = len(ids) == len(p)
-    w = p if dense else p[ids]
+    kept = p > 0
+    ids = None if kept.all() else np.flatnonzero(kept)      # no id array when all are kept
+    w = p if ids is None else p[ids]
+
+    def at(i) -> int:                                       # the token id of w's entry i
+        return int(i) if ids is None else int(ids[i])
+
     if len(w) < _EXACT_BELOW:
-        return int(ids[_walk(np.cumsum(w), u)])
+        return at(_walk(np.cumsum(w), u))
     nb = len(w) // _BLOCK
     sums = w[: nb * _BLOCK].reshape(nb, _BLOCK).sum(axis=1)
     if len(w) > nb * _BLOCK:
@@ -174,8 +178,8 @@ def select(p: np.ndarray, u: float) -> int:
     margin = 8.0 * len(w) * 2.0**-52 * ends[-1]             # >> any rounding difference
     lo = local[k - 1] if k else base
     if local[k] - x > margin and (x - lo > margin or (j == 0 and k == 0)):
-        return int(ids[j * _BLOCK + k])
-    return int(ids[_walk(np.cumsum(w), u)])
+        return at(j * _BLOCK + k)
+    return at(_walk(np.cumsum(w), u))
 
 
 def _walk(c: np.ndarray, u: float) -> int:
