@@ -158,6 +158,29 @@ def _sampling_model(args):
                       f"({type(exc).__name__}: {exc}); give --sampling-model NAME_OR_PATH")
 
 
+def _sampling_cases(args, suite, model) -> tuple[list | None, str, str]:
+    """(cases, where they come from, why not): the suite's distribution cases (sampling.json,
+    written by `refcomplete golden` for its model), or None: build them from our model;
+    why not, if the suite's model is not the one --sampling uses."""
+    from refcomplete.compare_sampling import cases_from_json
+    from refcomplete.golden import load_sampling
+
+    if suite is None and args.suite not in (None, "bundled"):
+        suite = Path(args.suite)                    # --sampling-only with --suite DIR
+    found = load_sampling(suite) if suite is not None and (suite / "manifest.json").is_file() \
+        else None
+    if found is None:
+        return None, "cases built from that model", ""
+    manifest, items = found
+    if manifest.get("model_sha256") != model.weights_sha256:
+        return None, "", (f"the suite's sampling cases were written for "
+                          f"{manifest.get('model')!r} (weights sha256 "
+                          f"{str(manifest.get('model_sha256'))[:12]}...), but --sampling uses "
+                          f"{model.name!r} ({model.weights_sha256[:12]}...): give "
+                          f"--sampling-model the suite's model")
+    return cases_from_json(items, args.sampling_scale), f"{len(items)} cases from {suite}", ""
+
+
 def _run(args) -> int:
     base = args.base_url.rstrip("/")
     base = base[:-3] if base.endswith("/v1") else base
@@ -172,10 +195,16 @@ def _run(args) -> int:
     suite, how = (None, "") if args.sampling_only else _suite(args)
     if suite is None and not args.sampling_only:
         return _fail(how)
-    model = None
+    model = scases = None
     if sampling:
         model, why = _sampling_model(args)
         if model is None:
+            return _fail(why)
+        try:
+            scases, where, why = _sampling_cases(args, suite, model)
+        except (OSError, ValueError, TypeError, KeyError) as exc:   # a damaged sampling.json
+            return _fail(f"cannot read the suite's sampling cases: {exc}")
+        if why:
             return _fail(why)
     if args.report and not Path(args.report).resolve().parent.is_dir():
         return _fail(f"the directory of --report ({Path(args.report).parent}) does not exist")
@@ -193,9 +222,9 @@ def _run(args) -> int:
         if sampling:
             from refcomplete.compare_sampling import run_sampling
 
-            print(f"sampling: our distribution from {model.name}", file=sys.stderr)
+            print(f"sampling: our distribution from {model.name}; {where}", file=sys.stderr)
             results += run_sampling(model, rep, args.sampling_scale, args.sampling_seeds,
-                                    args.sampling_alpha)
+                                    args.sampling_alpha, cases=scases)
     except Stopped as exc:
         return _fail(str(exc))
     except Unreachable as exc:

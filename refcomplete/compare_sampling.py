@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -96,6 +96,21 @@ def build_cases(model, scale: float = 1.0) -> list[Case]:
                                   "frequency_penalty": 0.3, "logit_bias": {str(ranked[3]): 1.0}},
              4, nk, "the stages together"),
     ]
+
+
+def cases_to_json(cases: list[Case]) -> list[dict]:
+    """The cases as `refcomplete golden` writes them into a suite (sampling.json)."""
+    return [asdict(c) for c in cases]
+
+
+def cases_from_json(items: list[dict], scale: float = 1.0) -> list[Case]:
+    """A suite's cases, their draws scaled as build_cases scales its own."""
+    out = []
+    for item in items:
+        c = Case(**item)
+        floor = 50 if c.max_tokens > 1 else 100
+        out.append(replace(c, draws=max(floor, int(c.draws * scale))) if scale != 1.0 else c)
+    return out
 
 
 class Exact:

@@ -11,6 +11,9 @@ Layout of a suite directory:
                            package and contract versions, n_ctx, the case list (name,
                            file, kind, tags, sha256 of the file)
     cases/NN_name.json     {"name", "kind", "tags", "request", "expect"}
+    sampling.json          the distribution cases of `compare --sampling` for this model
+                           (prompts, sampling fields with the top_p edges and biased tokens
+                           read off its distribution, draws); its sha256 is in the manifest
 
 kind "completion": expect is the response; "stream": expect is the list of chunks a
 client sees; "error": expect is {"status", "error": {...}}. Requests carry no "model":
@@ -32,6 +35,7 @@ from refcomplete.completions import Completions
 from refcomplete.errors import CompletionError
 
 SUITE_VERSION = 1
+SAMPLING_FILE = "sampling.json"
 PROMPTS = ["ROMEO:", "JULIET:\nO Romeo, Romeo!", "First Citizen:\nBefore we proceed any further",
            "To be, or not to be"]
 UTF8_PROMPT = "\u2019Tis caf\u00e9 \u6771\u4eac \U0001F600"   # ’ (447 + 247), é, CJK, emoji
@@ -184,11 +188,16 @@ def generate_suite(model, model_name: str, out_dir) -> Path:
         (out / rel).write_text(text, encoding="utf-8")
         entries.append({"name": name, "file": rel, "kind": kind, "tags": tags,
                         "sha256": hashlib.sha256(text.encode()).hexdigest()})
+    from refcomplete.compare_sampling import build_cases, cases_to_json
     from refcomplete.tokenizer import R50K_SHA256
+    text = dumps({"cases": cases_to_json(build_cases(model))})
+    (out / SAMPLING_FILE).write_text(text, encoding="utf-8")
     manifest = {"suite_version": SUITE_VERSION, "generator": "refcomplete golden",
                 "package_version": __version__, "contract_version": CONTRACT_VERSION,
                 "model": model_name, "model_sha256": model.weights_sha256,
-                "tokenizer_sha256": R50K_SHA256, "n_ctx": model.n_ctx, "cases": entries}
+                "tokenizer_sha256": R50K_SHA256, "n_ctx": model.n_ctx, "cases": entries,
+                "sampling": {"file": SAMPLING_FILE,
+                             "sha256": hashlib.sha256(text.encode()).hexdigest()}}
     (out / "manifest.json").write_text(dumps(manifest), encoding="utf-8")
     return out
 
@@ -209,6 +218,20 @@ def load_suite(suite_dir) -> tuple[dict, list[dict]]:
     return manifest, loaded
 
 
+def load_sampling(suite_dir) -> tuple[dict, list[dict]] | None:
+    """(manifest, the distribution cases as written) of a suite, its sha256 checked; None
+    for a suite without them (written before they were)."""
+    root = Path(suite_dir)
+    manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    entry = manifest.get("sampling")
+    if not entry:
+        return None
+    text = (root / entry["file"]).read_text(encoding="utf-8")
+    if hashlib.sha256(text.encode()).hexdigest() != entry["sha256"]:
+        raise ValueError(f"{root / entry['file']}: sha256 differs from the manifest")
+    return manifest, json.loads(text)["cases"]
+
+
 def add_subcommand(subparsers) -> None:
     """Register `refcomplete golden` on the CLI's subparsers."""
     p = subparsers.add_parser("golden", help="write a golden suite of requests and responses")
@@ -227,5 +250,6 @@ def _run(args) -> int:
     out = generate_suite(load_model(args.model, getattr(args, "backend", None)), args.name or args.model,
                          args.out)
     manifest = json.loads((out / "manifest.json").read_text())
-    print(f"wrote {len(manifest['cases'])} cases to {out}")
+    print(f"wrote {len(manifest['cases'])} cases and the distribution cases of "
+          f"`compare --sampling` to {out}")
     return 0

@@ -122,3 +122,51 @@ def test_docs_list_every_dialect_and_no_machine_path():
     assert {line.split("`")[1] for line in table} >= set(compare.DIALECTS)
     assert all(name in doc for name in compare.FAILURES)
     assert "/work/" not in doc and "/home/" not in doc and "/tmp/" not in doc
+
+
+def _suite_copy(tmp_path, keep=None, sha=None):
+    """The bundled suite copied, its sampling.json cut to `keep` cases (sha256 updated) or
+    its model's sha256 replaced."""
+    import hashlib
+    import shutil
+
+    from refcomplete.golden import dumps
+    dst = tmp_path / "suite"
+    shutil.copytree(compare.bundled_suite(), dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    if keep is not None:
+        items = json.loads((dst / "sampling.json").read_text())["cases"][:keep]
+        text = dumps({"cases": items})
+        (dst / "sampling.json").write_text(text)
+        manifest["sampling"]["sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    if sha is not None:
+        manifest["model_sha256"] = sha
+    (dst / "manifest.json").write_text(dumps(manifest))
+    return dst
+
+
+def test_the_bundled_suite_carries_the_sampling_cases_compare_would_build():
+    from refcomplete.compare_sampling import build_cases, cases_from_json
+    from refcomplete.golden import load_sampling
+    from refcomplete.registry import load_model
+    manifest, items = load_sampling(compare.bundled_suite())
+    model = load_model(compare.BUNDLED_MODEL)
+    assert manifest["model_sha256"] == model.weights_sha256
+    assert cases_from_json(items) == build_cases(model)          # floats through JSON exactly
+    assert cases_from_json(items, 0.5) == build_cases(model, 0.5)
+
+
+def test_compare_takes_a_suites_sampling_cases_and_checks_its_model(capsys, tmp_path):
+    one = _suite_copy(tmp_path / "a", keep=1)
+    code, _, err = run(capsys, compare, "compare", "--base-url", dead_url(), "--model",
+                       "gpt2-tiny-shakespeare", "--suite", str(one), "--sampling-only")
+    assert code == 2 and f"1 cases from {one}" in err and "cannot reach" in err
+    other = _suite_copy(tmp_path / "b", sha="0" * 64)
+    code, _, err = run(capsys, compare, "compare", "--base-url", dead_url(), "--model",
+                       "gpt2-tiny-shakespeare", "--suite", str(other), "--sampling")
+    assert code == 2 and "sampling cases were written for" in err and "Traceback" not in err
+    bad = _suite_copy(tmp_path / "c")
+    (bad / "sampling.json").write_text((bad / "sampling.json").read_text().replace("0.7", "0.9", 1))
+    code, _, err = run(capsys, compare, "compare", "--base-url", dead_url(), "--model",
+                       "gpt2-tiny-shakespeare", "--suite", str(bad), "--sampling")
+    assert code == 2 and "sha256 differs" in err

@@ -196,14 +196,21 @@ def test_a_refused_case_is_a_finding_not_a_crash(model, cases, exact):
 
 def test_the_cli_flags_reach_the_run(monkeypatch, capsys):
     seen = {}
-    monkeypatch.setattr(cs, "run_sampling", lambda model, rep, scale, seeds, alpha:
-                        seen.update(scale=scale, seeds=seeds, alpha=alpha, model=model.name) or [])
+    monkeypatch.setattr(cs, "run_sampling", lambda model, rep, scale, seeds, alpha, cases:
+                        seen.update(scale=scale, seeds=seeds, alpha=alpha, model=model.name,
+                                    cases=cases) or [])
     ap = argparse.ArgumentParser()
     compare.add_subcommand(ap.add_subparsers())
     args = ap.parse_args(["compare", "--base-url", "http://127.0.0.1:9", "--model", BUNDLED,
                           "--sampling-only", "--sampling-scale", "0.5", "--sampling-seeds", "none"])
     assert args.handler(args) == 0
-    assert seen == {"scale": 0.5, "seeds": "none", "alpha": 0.01, "model": BUNDLED}
+    assert seen == {"scale": 0.5, "seeds": "none", "alpha": 0.01, "model": BUNDLED,
+                    "cases": None}                  # no suite: built from the model
+    args = ap.parse_args(["compare", "--base-url", "http://127.0.0.1:9", "--model", BUNDLED,
+                          "--sampling-only", "--suite", str(compare.bundled_suite()),
+                          "--sampling-scale", "0.5"])
+    assert args.handler(args) == 0 and len(seen["cases"]) == 9     # the suite's own
+    assert seen["cases"][0].draws == cs.DRAWS // 2
     args = ap.parse_args(["compare", "--base-url", "http://127.0.0.1:9", "--model", "other",
                           "--sampling-only"])
     assert args.handler(args) == 2 and "--sampling-model" in capsys.readouterr().err

@@ -44,6 +44,7 @@ def test_wheel_installs_and_completes_outside_the_repo(tmp_path):
     assert not any(n.startswith("kernels/") for n in names)
     assert any(n.startswith("refcomplete/weights/gpt2-tiny-shakespeare/model.safetensors") for n in names)
     assert "refcomplete/golden_suite/manifest.json" in names       # compare's default suite
+    assert "refcomplete/golden_suite/sampling.json" in names       # and its sampling cases
     assert not any(n.startswith("tests/") for n in names)
 
     env_dir = tmp_path / "venv"
