@@ -84,4 +84,4 @@ peers-vllm-record: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python tests/peers/vllm_peer.py --update
 
 clean:
-	rm -rf $(VENV) $(PEERS_VENV) $(LMEVAL_VENV) build dist *.egg-info
+	rm -rf $(VENV) $(PEERS_VENV) $(LMEVAL_VENV) $(VLLM_VENV) build dist *.egg-info
