@@ -106,7 +106,7 @@ def exp1_normal(x):
     return y * pow2(k)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", nogil=True)
 def exp_shifted_into(z, m, out):
     """out[i] = exp(z[i] - m) (float64 [V]); m = 0.0 gives exp(z)."""
     n = z.shape[0]
@@ -120,13 +120,13 @@ def exp_shifted_into(z, m, out):
             out[i] = exp1(z[i] - m)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", nogil=True)
 def exp_into(x, out):
     """out[i] = exp(x[i]) (float64 [V])."""
     exp_shifted_into(x, 0.0, out)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", nogil=True)
 def log_into(x, out):
     """out[i] = log(x[i]) (float64 [V]); the exponent and mantissa come from x's bits."""
     n = x.shape[0]
@@ -166,26 +166,42 @@ def log_into(x, out):
             out[i] = np.nan
 
 
-@njit(cache=True, error_model="numpy", inline="always")
-def _tree(a):
-    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
-
-
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", nogil=True)
 def sum8(x):
-    """fmath.sum: eight interleaved lanes, each strictly in order, combined in a fixed tree."""
+    """fmath.sum: eight interleaved lanes, each strictly in order, combined in a fixed tree.
+    The lanes are eight scalars, which stay in registers (an 8-element array was reloaded
+    and stored on every step: 35 against 10 us for 50257 entries, AVX-512 Xeon)."""
     n = x.shape[0]
-    a = np.zeros(8, np.float64)
     n8 = n - n % 8
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
     for i in range(0, n8, 8):
-        for j in range(8):
-            a[j] += x[i + j]
-    for j in range(n - n8):
-        a[j] += x[n8 + j]
-    return _tree(a)
+        a0 += x[i]
+        a1 += x[i + 1]
+        a2 += x[i + 2]
+        a3 += x[i + 3]
+        a4 += x[i + 4]
+        a5 += x[i + 5]
+        a6 += x[i + 6]
+        a7 += x[i + 7]
+    r = n - n8                                  # the tail: lanes 0 .. r-1 take one more
+    if r > 0:
+        a0 += x[n8]
+    if r > 1:
+        a1 += x[n8 + 1]
+    if r > 2:
+        a2 += x[n8 + 2]
+    if r > 3:
+        a3 += x[n8 + 3]
+    if r > 4:
+        a4 += x[n8 + 4]
+    if r > 5:
+        a5 += x[n8 + 5]
+    if r > 6:
+        a6 += x[n8 + 6]
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", nogil=True)
 def softmax_into(z, m, out):
     """out = exp(z - m) / sum(exp(z - m)) with m = max z given (fmath.softmax)."""
     exp_shifted_into(z, m, out)
@@ -194,7 +210,7 @@ def softmax_into(z, m, out):
         out[i] = out[i] / s
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", nogil=True)
 def sum_exp(z, m):
     """sum(exp(z - m)) in fmath.sum's order."""
     e = np.empty_like(z)
@@ -214,7 +230,7 @@ def _insert(ids, vals, cnt, k, v, i):
     ids[j] = i
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def top_k_ids(x, k, positive):
     """fmath.top_k in one pass: an insertion-sorted buffer of the k best. Once it is full,
     blocks of 64 are first counted for entries beating the buffer's worst (a vectorised

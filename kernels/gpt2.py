@@ -110,7 +110,7 @@ ROWS = 64
 
 # ----------------------------------------------------------------------------- kernels
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", nogil=True)
 def layer_norm(x, g, bias, eps, out):                       # [B, C] -> out [B, C]
     B, C = x.shape
     for b in range(B):                                      # serial: too little work to split
@@ -127,7 +127,7 @@ def layer_norm(x, g, bias, eps, out):                       # [B, C] -> out [B, 
             out[b, c] = (x[b, c] - mean) * inv * g[c] + bias[c]
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def linear(x, w, bias, out, tasks):                                # [B, K] @ [K, N] + [N] -> out [B, N]
     B = x.shape[0]
     N = w.shape[1]
@@ -143,7 +143,7 @@ def linear(x, w, bias, out, tasks):                                # [B, K] @ [K
                     out[b, n] = acc[b - b0, n - n0] + bias[n]
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def linear_gelu(x, w, bias, out, tasks):                           # gelu_new([B, K] @ [K, N] + [N])
     B = x.shape[0]
     N = w.shape[1]
@@ -169,7 +169,7 @@ def linear_gelu(x, w, bias, out, tasks):                           # gelu_new([B
                     out[b, n] = np.float32((0.5 * y) * (1.0 + th))
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def linear_residual(x, w, bias, resid, tasks):                     # resid [B, N] += [B, K] @ [K, N] + [N]
     B = x.shape[0]
     N = w.shape[1]
@@ -224,7 +224,7 @@ def _mix(s, total, v, n, o):
             o[d] += p * vt[d]
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def attend(q, kt_pre, v_pre, n_pre, kt_row, v_row, rows, n_row, out):
     """Causal attention of one new query per row over the shared prompt and the row's own past.
 

@@ -35,7 +35,8 @@ seconds have passed. A session may still step until its rows have had capacity -
 stalls, or a row that ended on a stop, delays the others by at most `gap` (sessions' jobs
 arrive one after another while they sample, well within it). One forward takes
 every queued step and prompts up to `prefill_tokens`. Forwards run under one process-wide
-lock, so that Numba's parallel regions never run from two threads at once.
+lock (runtime.FORWARD_LOCK), so that Numba's parallel regions never run from two threads at
+once; the kernels release the GIL, so request threads sample and stream meanwhile.
 
 Memory. The pool is allocated once, in anonymous mappings: pages are resident only once
 written, the lowest free slots are used first (so the resident part follows the peak
@@ -60,7 +61,8 @@ from collections import deque
 
 import numpy as np
 
-FORWARD_LOCK = threading.Lock()   # one forward at a time in this process, whichever model
+from refcomplete.runtime import FORWARD_LOCK   # one forward at a time in this process
+
 DEFAULT_MAX_ROWS = 64
 POOL_BYTES = 1 << 30              # the default max_rows keeps the pool under this
 WINDOW = 0.05                     # seconds a batched forward waits at most for the sessions

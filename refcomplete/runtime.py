@@ -20,6 +20,8 @@ pin this runtime to.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from refcomplete.checkpoint import Checkpoint, release_pages
@@ -27,6 +29,10 @@ from refcomplete.tokenizer import get_tokenizer
 
 
 BACKENDS = ("numba", "numpy")
+# The kernels release the GIL (nogil: other threads sample and stream meanwhile), so two
+# threads could enter parallel regions at once, which Numba's workqueue threading layer
+# aborts on. Every forward piece (_layers, _head) holds this process-wide lock.
+FORWARD_LOCK = threading.RLock()
 
 
 def resolve_backend(backend: str | None) -> str:
@@ -69,11 +75,13 @@ class GPT2Model:
             self._threads = 1
         self._k = kernels
         self.ops = ops                      # exp, log, sum for sampling: the same bits either way
-        # Threads: the layers of narrow models run on one, their kernels being too small to
-        # pay for a parallel region (which stalls for milliseconds when another process
-        # holds a core); wide models' layers and every LM head (>= 6M multiply-adds) use
-        # all of them. Set per call (numba's setting is per thread). Never changes a value.
-        self._tasks = 1 if checkpoint.config.n_embd < 512 else self._threads
+        # Threads: a narrow model's layers run on one for a few rows, their kernels being
+        # too small to pay for a parallel region (which stalls for milliseconds when
+        # another process holds a core); wide models' layers, batches of >= 1024 row
+        # values (the bundled model's 32 rows: 3.3 ms against 5.2 on one thread, 2-core
+        # Xeon) and every LM head (>= 6M multiply-adds) use all of them. Set per call
+        # (numba's setting is per thread). Never changes a value.
+        self._wide = checkpoint.config.n_embd >= 512
         # The LM head is a linear layer over the embedding matrix transposed, [C, V] (a
         # copy; the mapped [V, C] file pages are released afterwards), so that it sums
         # over C strictly in order while vectorising across the vocabulary.
@@ -113,39 +121,45 @@ class GPT2Model:
         row rows[i]'s entry slot[i], after the n_pre shared prompt entries: keys k_pre
         (L x [H, D, P], transposed), values v_pre (L x [H, P, D]). Writes the new keys and
         values into k_row (L x [R, H, D, S]) and v_row (L x [R, H, S, D])."""
+        with FORWARD_LOCK:
+            return self._blocks(x, k_pre, v_pre, n_pre, k_row, v_row, rows, slot)
+
+    def _blocks(self, x, k_pre, v_pre, n_pre, k_row, v_row, rows, slot) -> np.ndarray:
         k, cfg = self._k, self.config
-        self._set_threads(self._tasks)
         B, C, H = x.shape[0], cfg.n_embd, cfg.n_head
         D = C // H
+        tasks = self._threads if self._wide or B * C >= 1024 else 1
+        self._set_threads(tasks)
         h = np.empty((B, C), np.float32)
         qkv = np.empty((B, 3 * C), np.float32)
         a = np.empty((B, H, D), np.float32)
         f = np.empty((B, 4 * C), np.float32)
         for layer, blk in enumerate(self.params.blocks):
             k.layer_norm(x, blk["ln_1.weight"], blk["ln_1.bias"], cfg.layer_norm_epsilon, h)
-            k.linear(h, blk["attn.c_attn.weight"], blk["attn.c_attn.bias"], qkv, self._tasks)
+            k.linear(h, blk["attn.c_attn.weight"], blk["attn.c_attn.bias"], qkv, tasks)
             q, kn, vn = (qkv[:, i * C:(i + 1) * C].reshape(B, H, D) for i in range(3))
             k_row[layer][rows, :, :, slot] = kn
             v_row[layer][rows, :, slot] = vn
             k.attend(np.ascontiguousarray(q), k_pre[layer], v_pre[layer], n_pre,
                      k_row[layer], v_row[layer], rows, slot + 1, a)
-            k.linear_residual(a.reshape(B, C), blk["attn.c_proj.weight"], blk["attn.c_proj.bias"], x, self._tasks)
+            k.linear_residual(a.reshape(B, C), blk["attn.c_proj.weight"], blk["attn.c_proj.bias"], x, tasks)
             k.layer_norm(x, blk["ln_2.weight"], blk["ln_2.bias"], cfg.layer_norm_epsilon, h)
-            k.linear_gelu(h, blk["mlp.c_fc.weight"], blk["mlp.c_fc.bias"], f, self._tasks)
-            k.linear_residual(f, blk["mlp.c_proj.weight"], blk["mlp.c_proj.bias"], x, self._tasks)
+            k.linear_gelu(h, blk["mlp.c_fc.weight"], blk["mlp.c_fc.bias"], f, tasks)
+            k.linear_residual(f, blk["mlp.c_proj.weight"], blk["mlp.c_proj.bias"], x, tasks)
         return x
 
     def _head(self, x: np.ndarray) -> np.ndarray:                    # [B, C] -> [B, V]
         k, p, cfg = self._k, self.params, self.config
-        self._set_threads(self._threads)
         h = np.empty_like(x)
-        k.layer_norm(x, p.ln_f_weight, p.ln_f_bias, cfg.layer_norm_epsilon, h)
         out = np.empty((x.shape[0], self.n_vocab), np.float32)
         # A multiple of the threads (none waits on a last odd task), each task's B x T
         # accumulators within 512 KB: batch 1 streams the head in 2 tasks at 29.9 GB/s
         # where 25 tasks of 2048 columns made 27.0 (measured, AVX-512 Xeon). No value changes.
         per = -(-x.shape[0] * self.n_vocab // (self._threads * 131072))
-        k.linear(h, self._head_w, self._head_b, out, self._threads * per)
+        with FORWARD_LOCK:
+            self._set_threads(self._threads)
+            k.layer_norm(x, p.ln_f_weight, p.ln_f_bias, cfg.layer_norm_epsilon, h)
+            k.linear(h, self._head_w, self._head_b, out, self._threads * per)
         return out
 
 

@@ -69,3 +69,41 @@ def test_session_guards(model):
     sess.step([0], [3])
     with pytest.raises(ValueError):
         sess.step([0], [4])
+
+
+def test_the_compiled_kernels_release_the_gil():
+    """Other threads sample and stream while a forward runs (server.py, batching.py)."""
+    pytest.importorskip("numba")
+    from refcomplete.kernels import fmath_numba
+    from refcomplete.kernels import gpt2 as kernels
+    compiled = [kernels.layer_norm, kernels.linear, kernels.linear_gelu, kernels.linear_residual,
+                kernels.attend, fmath_numba.exp_shifted_into, fmath_numba.exp_into,
+                fmath_numba.log_into, fmath_numba.sum8, fmath_numba.softmax_into,
+                fmath_numba.sum_exp, fmath_numba.top_k_ids]
+    assert [f.__name__ for f in compiled if not f.targetoptions.get("nogil")] == []
+
+
+def test_forwards_from_many_threads_at_once_give_the_bits_of_one_at_a_time(model):
+    """The kernels release the GIL, so concurrent sessions' forwards meet in the runtime's
+    lock (runtime.FORWARD_LOCK), never inside Numba's thread pool; values as sequential."""
+    import threading
+
+    prompts = [list(range(1 + i, 12 + 3 * i)) for i in range(6)]
+
+    def run(ids, rows):
+        sess = model.session(ids, rows=rows, max_new_tokens=4)
+        out = [sess.prefill()]
+        for t in range(3):
+            out.append(sess.step(list(range(rows)), [ids[t]] * rows))
+        return out
+
+    alone = [run(ids, 1 + 4 * (i % 3)) for i, ids in enumerate(prompts)]
+    together = [None] * len(prompts)
+    threads = [threading.Thread(target=lambda i=i, ids=ids: together.__setitem__(
+        i, run(ids, 1 + 4 * (i % 3)))) for i, ids in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, together):
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
