@@ -167,6 +167,10 @@ def _sampling_cases(args, suite, model) -> tuple[list | None, str, str]:
 
     if suite is None and args.suite not in (None, "bundled"):
         suite = Path(args.suite)                    # --sampling-only with --suite DIR
+        if not (suite / "manifest.json").is_file():
+            return None, "", (f"--suite {args.suite}: no golden suite there (no manifest.json); "
+                              "write one with `refcomplete golden`, or leave out --suite "
+                              "to build the sampling cases from the model")
     found = load_sampling(suite) if suite is not None and (suite / "manifest.json").is_file() \
         else None
     if found is None:

@@ -170,3 +170,12 @@ def test_compare_takes_a_suites_sampling_cases_and_checks_its_model(capsys, tmp_
     code, _, err = run(capsys, compare, "compare", "--base-url", dead_url(), "--model",
                        "gpt2-tiny-shakespeare", "--suite", str(bad), "--sampling")
     assert code == 2 and "sha256 differs" in err
+
+
+def test_sampling_only_with_a_suite_dir_that_has_no_manifest_is_an_error(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(capsys, compare, "compare", "--base-url", dead_url(), "--model",
+                       "gpt2-tiny-shakespeare", "--suite", str(tmp_path / "empty"),
+                       "--sampling-only")
+    assert code == 2 and "no golden suite there" in err and "Traceback" not in err
+    assert "cannot reach" not in err                  # stopped before any request
