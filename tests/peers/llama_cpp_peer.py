@@ -18,10 +18,7 @@ import subprocess
 import sys
 import time
 
-from peerlib import OUT, ROOT, log, run, server, venv_bin, free_port
-
-sys.path.insert(0, str(ROOT / "tests" / "peers"))
-import check_findings  # noqa: E402
+from peerlib import OUT, ROOT, finish, free_port, log, run, server, venv_bin
 
 VERSION = "0.3.36"
 EXPECT = ROOT / "tests" / "peers" / f"llama-cpp-python-{VERSION}.json"
@@ -70,18 +67,12 @@ def main() -> int:
     with server(srv, f"{base}/v1/models", OUT / "llama-cpp-server.log", timeout=120, cwd=OUT):
         log(f"server ready after {time.monotonic() - t0:.0f} s")
         rc = run(cmd, timeout=900).returncode
-    log(f"compare exit status {rc} (1: some case fails, as expected against this server)")
-    if rc not in (0, 1) or not report.is_file():
-        sys.exit(f"compare could not be run (exit status {rc}); server log: "
-                 f"{OUT / 'llama-cpp-server.log'}")
     meta = {"peer": f"llama-cpp-python[server]=={VERSION}", "sampling": sampling,
             "compare": ["refcomplete", "compare", "--model", GGUF, "--suite", "bundled",
                         "--extra-body", EXTRA, "--waive-all-dialects"]
             + (["--sampling"] if sampling else [])}
-    status = check_findings.main_with(report, EXPECT, update=args.update, meta=meta,
-                                      table_path=OUT / f"llama-cpp-python-{VERSION}.findings.md")
-    log(f"llama-cpp-python peer done in {time.monotonic() - t0:.0f} s")
-    return status
+    return finish("llama-cpp-python", rc, report, OUT / "llama-cpp-server.log", meta, EXPECT,
+                  args.update, OUT / f"llama-cpp-python-{VERSION}.findings.md", t0)
 
 
 if __name__ == "__main__":

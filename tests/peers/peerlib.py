@@ -88,3 +88,18 @@ def venv_bin(venv: str, name: str) -> str:
     if not path.exists():
         sys.exit(f"{path} is missing: run `make peers` (it builds {venv})")
     return str(path)
+
+
+def finish(peer: str, rc: int, report: Path, server_log: Path, meta: dict, expect: Path,
+           update: bool, table: Path, t0: float) -> int:
+    """The end of a compare peer: compare's exit status and report checked (exit with the
+    server log's path if it could not run), then its findings held against the committed
+    expectation (check_findings.py; --update writes it). Returns the exit status."""
+    import check_findings
+
+    log(f"compare exit status {rc} (1: some case fails, as expected against this server)")
+    if rc not in (0, 1) or not report.is_file():
+        sys.exit(f"compare could not be run (exit status {rc}); server log: {server_log}")
+    status = check_findings.main_with(report, expect, update=update, meta=meta, table_path=table)
+    log(f"{peer} peer done in {time.monotonic() - t0:.0f} s")
+    return status
