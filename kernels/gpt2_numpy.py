@@ -98,3 +98,31 @@ def attend(q, kt_pre, v_pre, n_pre, kt_row, v_row, rows, n_row, out):
             for t in range(T):
                 o = np.where(valid[:, :, t, None], o + p[:, :, t, None] * v[:, :, t, :], o)
         out[bs] = o
+
+
+def blocks(x, w, eps, k_pre, v_pre, n_pre, k_row, v_row, rows, slot, tasks=1):
+    """gpt2.blocks' twin (same arguments): every transformer block over x [B, C], in place.
+    w: 12 tuples of L arrays, in runtime.BLOCK_WEIGHTS' order; token i is row rows[i]'s entry
+    slot[i], after the n_pre shared prompt entries k_pre / v_pre; its key and value are
+    written into k_row / v_row."""
+    ln1_g, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_g, ln2_b, fc_w, fc_b, out_w, out_b = w
+    B, C = x.shape
+    H = k_row[0].shape[1]
+    D = C // H
+    h = np.empty((B, C), np.float32)
+    qkv = np.empty((B, 3 * C), np.float32)
+    a = np.empty((B, H, D), np.float32)
+    f = np.empty((B, fc_w[0].shape[1]), np.float32)
+    for layer in range(len(k_row)):
+        layer_norm(x, ln1_g[layer], ln1_b[layer], eps, h)
+        linear(h, attn_w[layer], attn_b[layer], qkv, tasks)
+        q, kn, vn = (qkv[:, i * C:(i + 1) * C].reshape(B, H, D) for i in range(3))
+        k_row[layer][rows, :, :, slot] = kn
+        v_row[layer][rows, :, slot] = vn
+        attend(np.ascontiguousarray(q), k_pre[layer], v_pre[layer], n_pre,
+               k_row[layer], v_row[layer], rows, slot + 1, a)
+        linear_residual(a.reshape(B, C), proj_w[layer], proj_b[layer], x, tasks)
+        layer_norm(x, ln2_g[layer], ln2_b[layer], eps, h)
+        linear_gelu(h, fc_w[layer], fc_b[layer], f, tasks)
+        linear_residual(f, out_w[layer], out_b[layer], x, tasks)
+    return x

@@ -33,6 +33,10 @@ BACKENDS = ("numba", "numpy")
 # threads could enter parallel regions at once, which Numba's workqueue threading layer
 # aborts on. Every forward piece (_layers, _head) holds this process-wide lock.
 FORWARD_LOCK = threading.RLock()
+# The per-layer weights the kernels' `blocks` takes, in its order (a tuple of L arrays each).
+BLOCK_WEIGHTS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
+                 "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+                 "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
 
 
 def resolve_backend(backend: str | None) -> str:
@@ -93,6 +97,7 @@ class GPT2Model:
             self._head_w[:, v0:v0 + len(block)] = block.T                # once) so the file is
             release_pages(block)                                         # paged in block by block
         self._head_b = np.zeros(checkpoint.config.n_vocab, np.float32)   # [V]
+        self._block_w = tuple(tuple(blk[name] for blk in p.blocks) for name in BLOCK_WEIGHTS)
         self.checkpoint = checkpoint
         self.config = checkpoint.config
         self.params = checkpoint.params
@@ -120,33 +125,15 @@ class GPT2Model:
         """Every block, with the kernels, for B new tokens: x [B, C] (embedded); token i is
         row rows[i]'s entry slot[i], after the n_pre shared prompt entries: keys k_pre
         (L x [H, D, P], transposed), values v_pre (L x [H, P, D]). Writes the new keys and
-        values into k_row (L x [R, H, D, S]) and v_row (L x [R, H, S, D])."""
-        with FORWARD_LOCK:
-            return self._blocks(x, k_pre, v_pre, n_pre, k_row, v_row, rows, slot)
-
-    def _blocks(self, x, k_pre, v_pre, n_pre, k_row, v_row, rows, slot) -> np.ndarray:
-        k, cfg = self._k, self.config
-        B, C, H = x.shape[0], cfg.n_embd, cfg.n_head
-        D = C // H
+        values into k_row (L x [R, H, D, S]) and v_row (L x [R, H, S, D]). The layer loop
+        is the kernels' `blocks` (one compiled call; gpt2_numpy.blocks reads the same)."""
+        B, C = x.shape
         tasks = self._threads if self._wide or B * C >= 1024 else 1
-        self._set_threads(tasks)
-        h = np.empty((B, C), np.float32)
-        qkv = np.empty((B, 3 * C), np.float32)
-        a = np.empty((B, H, D), np.float32)
-        f = np.empty((B, 4 * C), np.float32)
-        for layer, blk in enumerate(self.params.blocks):
-            k.layer_norm(x, blk["ln_1.weight"], blk["ln_1.bias"], cfg.layer_norm_epsilon, h)
-            k.linear(h, blk["attn.c_attn.weight"], blk["attn.c_attn.bias"], qkv, tasks)
-            q, kn, vn = (qkv[:, i * C:(i + 1) * C].reshape(B, H, D) for i in range(3))
-            k_row[layer][rows, :, :, slot] = kn
-            v_row[layer][rows, :, slot] = vn
-            k.attend(np.ascontiguousarray(q), k_pre[layer], v_pre[layer], n_pre,
-                     k_row[layer], v_row[layer], rows, slot + 1, a)
-            k.linear_residual(a.reshape(B, C), blk["attn.c_proj.weight"], blk["attn.c_proj.bias"], x, tasks)
-            k.layer_norm(x, blk["ln_2.weight"], blk["ln_2.bias"], cfg.layer_norm_epsilon, h)
-            k.linear_gelu(h, blk["mlp.c_fc.weight"], blk["mlp.c_fc.bias"], f, tasks)
-            k.linear_residual(f, blk["mlp.c_proj.weight"], blk["mlp.c_proj.bias"], x, tasks)
-        return x
+        with FORWARD_LOCK:
+            self._set_threads(tasks)
+            return self._k.blocks(x, self._block_w, self.config.layer_norm_epsilon,
+                                  tuple(k_pre), tuple(v_pre), n_pre, tuple(k_row), tuple(v_row),
+                                  np.asarray(rows, np.int64), np.asarray(slot, np.int64), tasks)
 
     def _head(self, x: np.ndarray) -> np.ndarray:                    # [B, C] -> [B, V]
         k, p, cfg = self._k, self.params, self.config

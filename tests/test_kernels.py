@@ -119,6 +119,32 @@ def test_attend_takes_the_full_exp_where_a_score_is_708_below_the_max():
     assert np.isnan(out[2, 1]).all() and np.isfinite(out[:2]).all()
 
 
+@pytest.mark.parametrize("B,n_pre", [(3, 5), (7, 0)])
+def test_blocks_equal_twin_bitwise(B, n_pre):
+    """The whole layer loop (one compiled call) against its NumPy twin: the hidden states
+    and every key and value it writes into the rows' caches."""
+    L, C, H, R, S = 2, 32, 2, 4, 12
+    D = C // H
+    w = tuple(tuple(rand(*shape, scale=0.3) for _ in range(L)) for shape in (
+        (C,), (C,), (C, 3 * C), (3 * C,), (C, C), (C,), (C,), (C,), (C, 4 * C), (4 * C,),
+        (4 * C, C), (C,)))
+    k_pre = tuple(rand(H, D, n_pre) for _ in range(L))
+    v_pre = tuple(rand(H, n_pre, D) for _ in range(L))
+    rows = np.array([i % R for i in range(B)], np.int64)
+    slot = np.array([i // R for i in range(B)], np.int64)      # distinct (row, slot) pairs;
+    # every entry a token attends to is written in the same layer; the NaN rest is unread
+    x = rand(B, C)
+    got, ref = [], []
+    for fn, out in ((k.blocks, got), (twin.blocks, ref)):
+        k_row = tuple(np.full((R, H, D, S), np.nan, np.float32) for _ in range(L))
+        v_row = tuple(np.full((R, H, S, D), np.nan, np.float32) for _ in range(L))
+        xs = x.copy()
+        fn(xs, w, 1e-5, k_pre, v_pre, n_pre, k_row, v_row, rows, slot, 2)
+        out += [xs, *k_row, *v_row]
+    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(got, ref))
+    assert np.isfinite(got[0]).all()
+
+
 def test_kernels_are_batch_invariant():
     """A row's result is bitwise the same alone or in any batch (SEMANTICS 4)."""
     x, w, b = rand(6, 64), rand(64, 300, scale=0.2), rand(300)
