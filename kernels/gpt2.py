@@ -127,62 +127,68 @@ def layer_norm(x, g, bias, eps, out):                       # [B, C] -> out [B, 
             out[b, c] = (x[b, c] - mean) * inv * g[c] + bias[c]
 
 
+PLAIN, GELU, RESIDUAL = 0, 1, 2     # what _linear does with each row of x @ w + bias
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _gelu_into(a, bias, n0, out):
+    """out[n] = gelu_new(a[n - n0] + bias[n]) for n in [n0, n0 + len(a)), in float64 as
+    gpt2_numpy.gelu: one pass checks that every exp argument is in exp1_normal's range (no
+    NaN), so that the second runs the fast exp, which there gives the same bits."""
+    n1 = n0 + a.shape[0]
+    outside = False
+    for n in range(n0, n1):
+        y = np.float64(a[n - n0] + bias[n])
+        u2 = 2.0 * (GELU_C * (y + ((GELU_A * y) * y) * y))
+        outside |= not (u2 >= FAST_LO and u2 <= FAST_HI)
+    for n in range(n0, n1):
+        y = np.float64(a[n - n0] + bias[n])
+        u = GELU_C * (y + ((GELU_A * y) * y) * y)
+        e = exp1(2.0 * u) if outside else exp1_normal(2.0 * u)
+        th = 1.0 - 2.0 / (e + 1.0)                         # tanh(u), with our exp
+        out[n] = np.float32((0.5 * y) * (1.0 + th))
+
+
 @njit(cache=True, error_model="numpy", parallel=True, nogil=True)
+def _linear(x, w, bias, out, tasks, epilogue):
+    """The three linear layers: x [B, K] @ w [K, N] + bias [N], then per `epilogue` stored
+    into out [B, N] (PLAIN), stored through gelu_new (GELU), or added to out (RESIDUAL).
+    Tasks own output columns; each task accumulates its columns for up to ROWS rows at a
+    time in its own scratch (_matmul_cols), then applies the epilogue row by row."""
+    B = x.shape[0]
+    N = w.shape[1]
+    T = _cols_per_task(N, tasks)
+    for t in prange((N + T - 1) // T):
+        n0, n1 = _columns(w, t, T)
+        acc = np.empty((min(B, ROWS), n1 - n0), np.float32)
+        for b0 in range(0, B, ROWS):
+            b1 = min(B, b0 + ROWS)
+            _matmul_cols(x[b0:b1], w, n0, n1, acc)
+            for b in range(b0, b1):
+                a = acc[b - b0, :n1 - n0]
+                if epilogue == GELU:
+                    _gelu_into(a, bias, n0, out[b])
+                elif epilogue == RESIDUAL:
+                    for n in range(n0, n1):
+                        out[b, n] = out[b, n] + (a[n - n0] + bias[n])
+                else:
+                    for n in range(n0, n1):
+                        out[b, n] = a[n - n0] + bias[n]
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
 def linear(x, w, bias, out, tasks):                                # [B, K] @ [K, N] + [N] -> out [B, N]
-    B = x.shape[0]
-    N = w.shape[1]
-    T = _cols_per_task(N, tasks)
-    for t in prange((N + T - 1) // T):
-        n0, n1 = _columns(w, t, T)
-        acc = np.empty((min(B, ROWS), n1 - n0), np.float32)
-        for b0 in range(0, B, ROWS):
-            b1 = min(B, b0 + ROWS)
-            _matmul_cols(x[b0:b1], w, n0, n1, acc)
-            for b in range(b0, b1):
-                for n in range(n0, n1):
-                    out[b, n] = acc[b - b0, n - n0] + bias[n]
+    _linear(x, w, bias, out, tasks, PLAIN)
 
 
-@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def linear_gelu(x, w, bias, out, tasks):                           # gelu_new([B, K] @ [K, N] + [N])
-    B = x.shape[0]
-    N = w.shape[1]
-    T = _cols_per_task(N, tasks)
-    for t in prange((N + T - 1) // T):
-        n0, n1 = _columns(w, t, T)
-        acc = np.empty((min(B, ROWS), n1 - n0), np.float32)
-        for b0 in range(0, B, ROWS):
-            b1 = min(B, b0 + ROWS)
-            _matmul_cols(x[b0:b1], w, n0, n1, acc)
-            for b in range(b0, b1):
-                a = acc[b - b0]
-                outside = False     # is any exp argument out of exp1_normal's range (or NaN)?
-                for n in range(n0, n1):
-                    y = np.float64(a[n - n0] + bias[n])
-                    u2 = 2.0 * (GELU_C * (y + ((GELU_A * y) * y) * y))
-                    outside |= not (u2 >= FAST_LO and u2 <= FAST_HI)
-                for n in range(n0, n1):
-                    y = np.float64(a[n - n0] + bias[n])      # gelu_new in float64 (gpt2_numpy.gelu)
-                    u = GELU_C * (y + ((GELU_A * y) * y) * y)
-                    e = exp1(2.0 * u) if outside else exp1_normal(2.0 * u)   # the same bits
-                    th = 1.0 - 2.0 / (e + 1.0)                     # tanh(u), with our exp
-                    out[b, n] = np.float32((0.5 * y) * (1.0 + th))
+    _linear(x, w, bias, out, tasks, GELU)
 
 
-@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def linear_residual(x, w, bias, resid, tasks):                     # resid [B, N] += [B, K] @ [K, N] + [N]
-    B = x.shape[0]
-    N = w.shape[1]
-    T = _cols_per_task(N, tasks)
-    for t in prange((N + T - 1) // T):
-        n0, n1 = _columns(w, t, T)
-        acc = np.empty((min(B, ROWS), n1 - n0), np.float32)
-        for b0 in range(0, B, ROWS):
-            b1 = min(B, b0 + ROWS)
-            _matmul_cols(x[b0:b1], w, n0, n1, acc)
-            for b in range(b0, b1):
-                for n in range(n0, n1):
-                    resid[b, n] = resid[b, n] + (acc[b - b0, n - n0] + bias[n])
+    _linear(x, w, bias, resid, tasks, RESIDUAL)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
