@@ -29,6 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import header  # noqa: E402
+
 PROMPTS = ["ROMEO:", "JULIET:", "First Citizen:", "KING RICHARD III:", "To be, or not",
            "MENENIUS:\nWhat work's, my countrymen, in hand?"]
 
@@ -95,6 +98,7 @@ def main() -> int:
         tokens = sum(json.loads(x)["response"]["body"]["usage"]["completion_tokens"]
                      for x in data.splitlines())
     base = statistics.median(r[0] for r in runs[modes[0][0]])
+    print(header())
     print(f"{args.lines} lines x {args.max_tokens} tokens, seeded, temperature 0.8, top_p 0.95;"
           f" {os.cpu_count()} CPUs; median of {args.repeat} interleaved rounds")
     print("| mode | wall s (median, min-max) | lines/s | tokens/s | vs one process "

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import platform
 import re
 import statistics
@@ -28,26 +27,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_server_security import serve_process   # noqa: E402  (the tests' server helper)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import header  # noqa: E402
+
 MODEL = "gpt2-tiny-shakespeare"
 PROMPTS = ["ROMEO:", "JULIET:", "To be, or not", "KING HENRY:", "O", "First Citizen:",
            "What light", "Now is the winter"]
-
-
-def cpu_flags() -> str:
-    try:
-        flags = set(re.search(r"^flags\s*:(.*)$", open("/proc/cpuinfo").read(), re.M).group(1).split())
-    except (OSError, AttributeError):
-        return "unknown"
-    return " ".join(f for f in ("avx2", "fma", "avx512f") if f in flags) or "none of avx2/fma/avx512f"
-
-
-def cpu_name() -> str:
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        return platform.machine()
-    m = re.search(r"^model name\s*:(.*)$", text, re.M)
-    return m.group(1).strip() if m else platform.machine()
 
 
 def body(i: int) -> bytes:
@@ -109,8 +94,8 @@ def main() -> int:
     counts = [int(c) for c in args.clients.split(",")]
 
     import numba
-    print(f"refcomplete serve, {MODEL}, streaming, max_tokens 8; {cpu_name()}, "
-          f"{os.cpu_count()} cores, CPU flags: {cpu_flags()}")
+    print(header())
+    print(f"refcomplete serve, {MODEL}, streaming, max_tokens 8")
     print(f"python {platform.python_version()}, numpy {np.__version__}, numba {numba.__version__}")
     extra = ["--backend", args.backend] if args.backend else []
     rows = {}

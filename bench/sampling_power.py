@@ -27,6 +27,9 @@ from refcomplete.registry import load_model  # noqa: E402
 from refcomplete.sampling import State, run  # noqa: E402
 from sampling_fakes import BUGS, SamplerServer  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import header  # noqa: E402
+
 TARGET = {"top_p_plus1": "top_p_high_edge", "top_p_minus1": "top_p_low_edge",
           "temp_after_top_p": "temperature_top_p", "prompt_penalties": "penalties",
           "presence_as_frequency": "presence", "ignore_bias": "logit_bias",
@@ -46,6 +49,7 @@ def main() -> None:
     fam = sum(1 + 3 * (c.max_tokens > 1) for c in cases.values())
     level = cs.ALPHA / fam
     ex = cs.Exact(model)
+    print(header())
     print(f"{len(cases)} cases, {fam} tests per run, ALPHA {cs.ALPHA} (Bonferroni level {level:.2g})")
     rng = np.random.default_rng(0)
     print("\nfirst-token G-test under the null: fraction of simulated runs below 5% / the level")
