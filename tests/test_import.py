@@ -16,3 +16,17 @@ def test_public_api():
 
     for name in ("create", "CompletionError", "load_model", "list_models", "sampling", "rng", "__version__"):
         assert hasattr(refcomplete, name), name
+
+
+def test_the_kernels_refuse_to_be_imported_as_a_top_level_package():
+    """From the repository root `import kernels` would find kernels/; Numba would then cache
+    the compiled kernels under that name, and refcomplete.kernels, imported anywhere else,
+    would fail to load them (ModuleNotFoundError: kernels). So it is refused, with the fix."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", "import kernels.fmath_numba"], cwd=root,
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "import these kernels as refcomplete.kernels" in out.stderr
+    ok = subprocess.run([sys.executable, "-c", "import refcomplete.kernels.fmath"], cwd=root,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
