@@ -8,9 +8,3 @@ tests/test_kernels.py and test_fmath.py pin each pair bit for bit, also under
 NUMBA_DISABLE_JIT=1. Only fmath_numba.py and gpt2.py import numba, and only
 refcomplete.runtime imports them, lazily: `import refcomplete` stays light.
 """
-
-if __name__ != "refcomplete.kernels":
-    # Imported as a top-level `kernels` (from the repository root): Numba would cache the
-    # compiled kernels under that module name, and every later `refcomplete.kernels`
-    # import outside the root would fail to load them (ModuleNotFoundError: kernels).
-    raise ImportError(f"import these kernels as refcomplete.kernels, not as {__name__!r}")

@@ -23,6 +23,13 @@ from refcomplete.kernels.fmath import (EXP_OVERFLOW, EXP_UNDERFLOW, INV_LN2, LG1
                                        P5, TWO54)
 MAGIC_POW2 = 1023.0 + 2.0 ** 52
 
+if not __name__.startswith("refcomplete.kernels."):
+    # Imported as `kernels.<this>` (from the repository root): Numba would cache the compiled
+    # functions under that module name, and every later refcomplete.kernels import outside
+    # the root would fail to load them (ModuleNotFoundError: kernels). (The package itself
+    # stays importable as `kernels`: transformers probes for a package of that name.)
+    raise ImportError(f"import these kernels as refcomplete.kernels, not as {__name__!r}")
+
 
 def f64_from_bits(bits):
     """The float64 whose IEEE-754 bit pattern is the int64 `bits` (a bit cast, no arithmetic)."""

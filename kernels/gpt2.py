@@ -29,6 +29,13 @@ from numba import njit, prange
 from refcomplete.kernels.fmath import GELU_A, GELU_C
 from refcomplete.kernels.fmath_numba import FAST_HI, FAST_LO, exp1, exp1_normal
 
+if not __name__.startswith("refcomplete.kernels."):
+    # Imported as `kernels.<this>` (from the repository root): Numba would cache the compiled
+    # functions under that module name, and every later refcomplete.kernels import outside
+    # the root would fail to load them (ModuleNotFoundError: kernels). (The package itself
+    # stays importable as `kernels`: transformers probes for a package of that name.)
+    raise ImportError(f"import these kernels as refcomplete.kernels, not as {__name__!r}")
+
 # error_model="numpy": IEEE division (no Python zero-division check), which lets loops
 # vectorise; no value changes.
 # No kernel allows reassociation (fastmath): with it, the machine code Numba writes to its

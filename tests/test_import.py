@@ -18,7 +18,7 @@ def test_public_api():
         assert hasattr(refcomplete, name), name
 
 
-def test_the_kernels_refuse_to_be_imported_as_a_top_level_package():
+def test_the_compiled_kernels_refuse_to_be_imported_from_a_top_level_package():
     """From the repository root `import kernels` would find kernels/; Numba would then cache
     the compiled kernels under that name, and refcomplete.kernels, imported anywhere else,
     would fail to load them (ModuleNotFoundError: kernels). So it is refused, with the fix."""
@@ -27,6 +27,9 @@ def test_the_kernels_refuse_to_be_imported_as_a_top_level_package():
     out = subprocess.run([sys.executable, "-c", "import kernels.fmath_numba"], cwd=root,
                          capture_output=True, text=True)
     assert out.returncode != 0 and "import these kernels as refcomplete.kernels" in out.stderr
+    probe = subprocess.run([sys.executable, "-c", "import kernels"], cwd=root,   # transformers'
+                           capture_output=True, text=True)                       # package probe
+    assert probe.returncode == 0, probe.stderr
     ok = subprocess.run([sys.executable, "-c", "import refcomplete.kernels.fmath"], cwd=root,
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
