@@ -18,17 +18,13 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
+from refcomplete.kernels import require_package_name
 from refcomplete.kernels.fmath import (EXP_OVERFLOW, EXP_UNDERFLOW, INV_LN2, LG1, LG2, LG3, LG4,
                                        LG5, LG6, LG7, LN2_HI, LN2_LO, MIN_NORMAL, P1, P2, P3, P4,
                                        P5, TWO54)
 MAGIC_POW2 = 1023.0 + 2.0 ** 52
 
-if not __name__.startswith("refcomplete.kernels."):
-    # Imported as `kernels.<this>` (from the repository root): Numba would cache the compiled
-    # functions under that module name, and every later refcomplete.kernels import outside
-    # the root would fail to load them (ModuleNotFoundError: kernels). (The package itself
-    # stays importable as `kernels`: transformers probes for a package of that name.)
-    raise ImportError(f"import these kernels as refcomplete.kernels, not as {__name__!r}")
+require_package_name(__name__)
 
 
 def f64_from_bits(bits):

@@ -26,15 +26,11 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from refcomplete.kernels import require_package_name
 from refcomplete.kernels.fmath import GELU_A, GELU_C
 from refcomplete.kernels.fmath_numba import FAST_HI, FAST_LO, exp1, exp1_normal
 
-if not __name__.startswith("refcomplete.kernels."):
-    # Imported as `kernels.<this>` (from the repository root): Numba would cache the compiled
-    # functions under that module name, and every later refcomplete.kernels import outside
-    # the root would fail to load them (ModuleNotFoundError: kernels). (The package itself
-    # stays importable as `kernels`: transformers probes for a package of that name.)
-    raise ImportError(f"import these kernels as refcomplete.kernels, not as {__name__!r}")
+require_package_name(__name__)
 
 # error_model="numpy": IEEE division (no Python zero-division check), which lets loops
 # vectorise; no value changes.
@@ -172,7 +168,7 @@ def _linear(x, w, bias, out, tasks, epilogue):
             b1 = min(B, b0 + ROWS)
             _matmul_cols(x[b0:b1], w, n0, n1, acc)
             for b in range(b0, b1):
-                a = acc[b - b0, :n1 - n0]
+                a = acc[b - b0]
                 if epilogue == GELU:
                     _gelu_into(a, bias, n0, out[b])
                 elif epilogue == RESIDUAL:
