@@ -171,8 +171,7 @@ def _sampling_cases(args, suite, model) -> tuple[list | None, str, str]:
             return None, "", (f"--suite {args.suite}: no golden suite there (no manifest.json); "
                               "write one with `refcomplete golden`, or leave out --suite "
                               "to build the sampling cases from the model")
-    found = load_sampling(suite) if suite is not None and (suite / "manifest.json").is_file() \
-        else None
+    found = load_sampling(suite) if suite is not None else None
     if found is None:
         return None, "cases built from that model", ""
     manifest, items = found
