@@ -1,13 +1,15 @@
-"""P8: `refcomplete serve` throughput, batched (the default) against `--serial`, in one run.
+"""P8: `refcomplete serve` throughput, batched (the default) and batched in one worker per
+core (`--workers N`) against `--serial`, in one run.
 
-Starts two server processes on 127.0.0.1 (the bundled model; one batched, one --serial),
+Starts three servers on 127.0.0.1 (the bundled model; batched, --workers N, --serial),
 then for 1, 4 and 32 clients, each mode in turn, sends streaming requests (max_tokens 8,
 sampled with a seed per request, include_usage) over keep-alive connections and reports
 requests/s, generated tokens/s (usage.completion_tokens), p50 and p99 latency (request sent
-to [DONE]). Checks that both modes streamed the same bytes for each request (apart from
+to [DONE]). Checks that every mode streamed the same bytes for each request (apart from
 id and created). Prints the CPU's SIMD flags, the cores and the versions.
 
     python bench/bench_server.py [--requests-per-client 8] [--clients 1,4,32] [--rounds 1]
+                                 [--workers N (default: the usable cores)]
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from test_server_security import serve_process   # noqa: E402  (the tests' serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import header  # noqa: E402
+
+from refcomplete.workers import usable_cores  # noqa: E402
 
 MODEL = "gpt2-tiny-shakespeare"
 PROMPTS = ["ROMEO:", "JULIET:", "To be, or not", "KING HENRY:", "O", "First Citizen:",
@@ -90,6 +94,8 @@ def main() -> int:
     ap.add_argument("--clients", default="1,4,32")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the whole table, interleaved")
     ap.add_argument("--backend", choices=["numba", "numpy"], default=None)
+    ap.add_argument("--workers", type=int, default=usable_cores(),
+                    help="worker processes of the third server (default: the usable cores)")
     args = ap.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
 
@@ -99,9 +105,11 @@ def main() -> int:
     print(f"python {platform.python_version()}, numpy {np.__version__}, numba {numba.__version__}")
     extra = ["--backend", args.backend] if args.backend else []
     rows = {}
+    workers = f"{args.workers} workers"
     with serve_process(MODEL, flags=extra) as batched, \
+            serve_process(MODEL, flags=["--workers", str(args.workers), *extra]) as many, \
             serve_process(MODEL, flags=["--serial", *extra]) as serial:
-        servers = {"batched": batched, "serial": serial}
+        servers = {"batched": batched, workers: many, "serial": serial}
         for srv in servers.values():          # warm up: Numba caches, threads, pool pages
             asyncio.run(load(srv.port, 32, 2, 10_000))
         for round_ in range(args.rounds):
@@ -118,7 +126,7 @@ def main() -> int:
     same = True
     for clients in counts:
         rate = {}
-        for mode in ("serial", "batched"):
+        for mode in ("serial", "batched", workers):
             runs = rows[(clients, mode)]
             wall = sum(r[0] for r in runs)
             lat = [x for r in runs for x in r[1]]
@@ -128,10 +136,10 @@ def main() -> int:
             print(f"| {clients} | {mode} | {len(lat) / wall:.1f} | {tokens / wall:.0f} | "
                   f"{q[49] * 1000:.0f} ms | {q[98] * 1000:.0f} ms |")
         a = rows[(clients, "serial")][0][3]
-        b = rows[(clients, "batched")][0][3]
-        same &= a == b
-        print(f"|   | batched / serial | | {rate['batched'] / rate['serial']:.2f}x | | |")
-    print(f"\nstreams byte-identical between the modes (apart from id, created): {same}")
+        same &= a == rows[(clients, "batched")][0][3] == rows[(clients, workers)][0][3]
+        for mode in ("batched", workers):
+            print(f"|   | {mode} / serial | | {rate[mode] / rate['serial']:.2f}x | | |")
+    print(f"\nstreams byte-identical between the three modes (apart from id, created): {same}")
     return 0 if same else 1
 
 

@@ -1,11 +1,12 @@
 """`refcomplete serve` batching across requests: the same bytes under any load.
 
 Against real server processes on 127.0.0.1 (the bundled model): a batched one (the
-default) and a `--serial` one. A fixed set of requests (greedy, sampled with seeds, n > 1,
-best_of, logprobs, echo, stop; plain and streamed) sent one at a time to the serial
-server is the reference; the batched server answers the same bytes (apart from id and
-created) one at a time, all at once from 32 clients, and in random interleavings; every
-stream folds to the plain answer. In process: the endpoint really batches (fewer forwards
+default), one of two batched worker processes (`--workers 2`) and a `--serial` one. A
+fixed set of requests (greedy, sampled with seeds, n > 1, best_of, logprobs, echo, stop;
+plain and streamed) sent one at a time to the serial server is the reference; the batched
+server and the two workers answer the same bytes (apart from id and created) one at a
+time, all at once from 32 clients, and in random interleavings; every stream folds to the
+plain answer. In process: the endpoint really batches (fewer forwards
 than steps), the Limits still refuse, a non-streamed request whose client left stops.
 
 Every loop is bounded by a count or a deadline.
@@ -90,18 +91,24 @@ async def send_all(url: str, jobs, concurrency: int, jitter: float = 0.0, seed: 
 @pytest.fixture(scope="module")
 def servers():
     with serve_process(MODEL, flags=FAST) as batched, \
+            serve_process(MODEL, flags=[*FAST, "--workers", "2"]) as workers, \
             serve_process(MODEL, flags=[*FAST, "--serial"]) as serial:
-        yield batched, serial
-        for srv in (batched, serial):
+        yield {"batched": batched, "workers": workers, "serial": serial}
+        for srv in (batched, workers, serial):
             assert srv.alive()
             assert srv.log_errors() == [], srv.output()[-3000:]
+
+
+@pytest.fixture(scope="module", params=["batched", "workers"])
+def batched(request, servers):
+    """The server under test: batched in one process, or in two worker processes."""
+    return servers[request.param]
 
 
 @pytest.fixture(scope="module")
 def reference(servers):
     """Each job sent alone to the serial server: {job: normalised body}."""
-    _, serial = servers
-    got = asyncio.run(send_all(serial.url, JOBS, 1))
+    got = asyncio.run(send_all(servers["serial"].url, JOBS, 1))
     return {job: got[pos] for pos, job in enumerate(JOBS)}
 
 
@@ -115,15 +122,13 @@ def test_streams_fold_to_the_plain_answers(reference):
         assert streaming.fold(chunks) == json.loads(reference[(i, False)]), REQUESTS[i]
 
 
-def test_one_at_a_time_on_the_batched_server(servers, reference):
-    batched, _ = servers
+def test_one_at_a_time_on_the_batched_server(batched, reference):
     got = asyncio.run(send_all(batched.url, JOBS, 1))
     for pos, job in enumerate(JOBS):
         assert got[pos] == reference[job], (job, got[pos][:300], reference[job][:300])
 
 
-def test_all_at_once_from_32_clients(servers, reference):
-    batched, _ = servers
+def test_all_at_once_from_32_clients(batched, reference):
     jobs = (JOBS * 3)[:64]                 # 64 requests, 32 in flight at any moment
     for round_ in range(2):
         got = asyncio.run(send_all(batched.url, jobs, 32))
@@ -132,8 +137,7 @@ def test_all_at_once_from_32_clients(servers, reference):
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_random_interleavings(servers, reference, seed):
-    batched, _ = servers
+def test_random_interleavings(batched, reference, seed):
     rng = random.Random(seed)
     jobs = JOBS * 2
     rng.shuffle(jobs)
@@ -143,10 +147,9 @@ def test_random_interleavings(servers, reference, seed):
         assert got[pos] == reference[job], (seed, job)
 
 
-def test_a_non_streamed_request_stops_when_its_client_leaves(servers):
+def test_a_non_streamed_request_stops_when_its_client_leaves(batched):
     """A 480-token request (plain, and best_of 3), its client gone after 0.3 s, stops at
-    its next step: the server's CPU goes idle; the server then answers at once."""
-    batched, _ = servers
+    its next step: the server's CPU goes idle (every worker's); it then answers at once."""
     for extra in ({}, {"best_of": 3, "n": 2}):
         body = json.dumps({**B, "prompt": "ROMEO:", "max_tokens": 480, "seed": 1,
                            "logprobs": 5, **extra}).encode()
@@ -160,12 +163,23 @@ def test_a_non_streamed_request_stops_when_its_client_leaves(servers):
         for s in socks:
             s.close()
         time.sleep(1.0)
-        before = cpu_seconds(batched.proc.pid)
+        before = server_cpu(batched)
         time.sleep(1.5)
-        busy = cpu_seconds(batched.proc.pid) - before
+        busy = server_cpu(batched) - before
         assert busy < 0.4, f"the server kept working after its clients left ({busy:.2f} s CPU)"
         r = httpx.post(batched.url + "/v1/completions", json=REQUESTS[0], timeout=30)
         assert r.status_code == 200
+
+
+def worker_pids(srv) -> list[int]:
+    """The server's worker processes (none for a one-process server)."""
+    pid = srv.proc.pid
+    return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+
+
+def server_cpu(srv) -> float:
+    """CPU seconds of the server process and its workers."""
+    return sum(cpu_seconds(p) for p in [srv.proc.pid, *worker_pids(srv)])
 
 
 # -- in process ----------------------------------------------------------------------------

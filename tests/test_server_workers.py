@@ -1,0 +1,118 @@
+"""`refcomplete serve --workers N`: the processes behind one port (refcomplete/workers.py).
+
+Real servers on 127.0.0.1 (the bundled model). Both workers answer; a stop (SIGTERM,
+SIGINT) ends every process with status 0; a worker that dies stops the others and the
+server exits non-zero, saying which; a killed parent takes its workers with it; bad
+flags, an unknown model and a taken port are clear errors before anything is served.
+The bytes are pinned in test_server_batching.py (the same answers as --serial). Every
+wait is bounded by a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_server_batching import send_all, worker_pids
+from test_server_load import cpu_seconds
+from test_server_security import free_port, serve_process
+
+MODEL = "gpt2-tiny-shakespeare"
+FAST = ["--workers", "2", "--shutdown-timeout", "3"]
+JOBS = [(0, False), (1, True)] * 16
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"     # a zombie is gone
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pids, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def serve_argv(*flags: str) -> list[str]:
+    return [sys.executable, "-m", "refcomplete.cli", "serve", "--log-level", "warning", *flags]
+
+
+def test_both_workers_answer_and_a_stop_ends_them_all():
+    with serve_process(MODEL, flags=FAST) as srv:
+        kids = worker_pids(srv)
+        assert len(kids) == 2
+        before = {p: cpu_seconds(p) for p in kids}
+        asyncio.run(send_all(srv.url, JOBS, 32))           # 32 connections: both get some
+        used = {p: cpu_seconds(p) - before[p] for p in kids}
+        assert all(u > 0.05 for u in used.values()), used
+        assert "2 workers ready" in srv.output()
+        assert srv.stop() == 0
+        assert wait_gone(kids)
+        assert srv.log_errors() == [], srv.output()[-3000:]
+
+
+def test_sigint_to_the_parent_is_a_graceful_stop():
+    with serve_process(MODEL, flags=FAST) as srv:
+        kids = worker_pids(srv)
+        srv.proc.send_signal(signal.SIGINT)
+        assert srv.proc.wait(timeout=20) == 0
+        assert wait_gone(kids)
+
+
+def test_a_worker_that_dies_stops_the_server():
+    with serve_process(MODEL, flags=FAST) as srv:
+        kids = worker_pids(srv)
+        os.kill(kids[0], signal.SIGKILL)
+        code = srv.proc.wait(timeout=20)
+        assert code != 0
+        assert wait_gone(kids)
+        assert f"worker {kids[0]} exited (signal SIGKILL); stopping the others" in srv.output()
+
+
+def test_a_killed_parent_takes_its_workers_with_it():
+    with serve_process(MODEL, flags=FAST) as srv:
+        kids = worker_pids(srv)
+        srv.proc.kill()
+        srv.proc.wait(timeout=10)
+        assert wait_gone(kids), "workers outlived their parent"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--workers", "2", "--serial"], "cannot be combined with --workers"),
+    (["--workers", "2", "--model", "no-such-model"], "error:"),
+])
+def test_errors_before_serving(flags, message):
+    r = subprocess.run(serve_argv("--port", str(free_port()), *flags), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stdout + r.stderr
+
+
+def test_workers_must_be_positive():
+    r = subprocess.run(serve_argv("--workers", "0"), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--workers" in r.stderr
+
+
+def test_a_taken_port_is_an_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        r = subprocess.run(serve_argv("--port", str(port), "--workers", "2"),
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert f"127.0.0.1:{port}" in r.stderr and "in use" in r.stderr
+
