@@ -3,7 +3,8 @@
 Real servers on 127.0.0.1 (the bundled model). Both workers answer; a stop (SIGTERM,
 SIGINT) ends every process with status 0; a worker that dies stops the others and the
 server exits non-zero, saying which; a killed parent takes its workers with it; bad
-flags, an unknown model and a taken port are clear errors before anything is served.
+flags, an unknown model and a taken port are clear errors before anything is served;
+under 64 clients' mixed load no request fails and each worker's memory levels off.
 The bytes are pinned in test_server_batching.py (the same answers as --serial). Every
 wait is bounded by a deadline.
 """
@@ -21,7 +22,7 @@ import time
 import pytest
 
 from test_server_batching import send_all, worker_pids
-from test_server_load import cpu_seconds
+from test_server_load import CONCURRENCY, LOAD_REQUESTS, _load, cpu_seconds
 from test_server_security import free_port, serve_process
 
 MODEL = "gpt2-tiny-shakespeare"
@@ -61,6 +62,32 @@ def test_both_workers_answer_and_a_stop_ends_them_all():
         assert "2 workers ready" in srv.output()
         assert srv.stop() == 0
         assert wait_gone(kids)
+        assert srv.log_errors() == [], srv.output()[-3000:]
+
+
+def rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def test_load_64_clients_on_two_workers():
+    """test_server_load's mixed load (errors among it) on two workers: each worker's RSS
+    after warm-up and after each of four rounds, bounded as for one process."""
+    with serve_process(MODEL, flags=FAST) as srv:
+        kids = worker_pids(srv)
+        asyncio.run(_load(srv.url, 2 * CONCURRENCY, CONCURRENCY))       # warm up
+        rss, failures = [[rss_kib(p) for p in kids]], []
+        for round_ in range(4):
+            failures += asyncio.run(_load(srv.url, LOAD_REQUESTS // 4, CONCURRENCY))[1]
+            rss.append([rss_kib(p) for p in kids])
+        print("\nworkers' RSS after warm-up and each round (MiB): " + ", ".join(
+            " ".join(f"{r[w] / 1024:.1f}" for r in rss) for w in range(len(kids))))
+        assert failures == [], failures[:5]
+        for w in range(len(kids)):
+            assert rss[-1][w] - rss[0][w] < 64 * 1024, "a worker's memory grew by over 64 MiB"
+            assert rss[-1][w] - rss[-2][w] < 16 * 1024, "a worker's memory still climbing"
         assert srv.log_errors() == [], srv.output()[-3000:]
 
 
