@@ -118,7 +118,9 @@ def _load(path: str, name: str, backend: str):
     if checkpoint.config.n_vocab != N_VOCAB:   # the runtime pairs every model with r50k
         raise CheckpointError(f"{Path(path) / 'config.json'}: vocab_size {checkpoint.config.n_vocab} "
                               f"does not match the r50k tokenizer's {N_VOCAB} tokens")
-    return GPT2Model(checkpoint, name=name, backend=backend)
+    model = GPT2Model(checkpoint, name=name, backend=backend)
+    model.tokenizer     # now, not on first use as GPT2Model alone: a bad ranks file fails the load
+    return model
 
 
 def load_model(name: str = DEFAULT_MODEL, backend: str | None = None):

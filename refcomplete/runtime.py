@@ -111,7 +111,9 @@ class GPT2Model:
     @functools.cached_property
     def tokenizer(self):
         """The bundled r50k tokenizer, loaded on first use: the forward pass works on token
-        ids and never needs it, and it holds about 22 MB (P6 measures a model without one)."""
+        ids and never needs it, and it holds about 22 MB (P6 measures a model without one).
+        A model loaded by name (registry.load_model: create, serve) loads it at once, so
+        that a damaged ranks file fails the load, not a request."""
         return get_tokenizer()
 
     def session(self, prompt, rows: int, max_new_tokens: int) -> "Session":

@@ -81,20 +81,20 @@ def run_workers(n: int, host: str, port: int, start: Callable, say=print) -> int
         print(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         return 3                                               # uvicorn's status for this
     port = socks[0].getsockname()[1]
-    to_parent, from_child = os.pipe()       # one byte per worker that is ready
-    to_child, from_parent = os.pipe()       # one byte per worker: go
+    ready_r, ready_w = os.pipe()            # workers -> parent: a byte per worker ready
+    go_r, go_w = os.pipe()                  # parent -> workers: a byte each, accept now
     pids = []
     for i in range(n):
         pid = os.fork()
         if pid == 0:                                           # the worker
-            os.close(to_parent)
-            os.close(from_parent)
+            os.close(ready_r)
+            os.close(go_w)
             for other in socks[:i] + socks[i + 1:]:
                 other.close()
-            _worker(i, socks[i], from_child, to_child, thread_env(n), start)
+            _worker(i, socks[i], ready_w, go_r, thread_env(n), start)
         pids.append(pid)
-    os.close(from_child)
-    os.close(to_child)
+    os.close(ready_w)
+    os.close(go_r)
     stopping = []
 
     def stop(signum, frame):
@@ -104,16 +104,16 @@ def run_workers(n: int, host: str, port: int, start: Callable, say=print) -> int
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
 
-    status = _await_ready(n, to_parent, pids, stopping)
+    status = _await_ready(n, ready_r, pids, stopping)
     if status is None:
         for sock in socks:
             sock.listen(2048)
-        os.write(from_parent, b"g" * n)
+        os.write(go_w, b"g" * n)
         say(f"refcomplete serve: {n} workers ready on http://{host}:{port} "
             f"(pids {' '.join(map(str, pids))})")
         status = _supervise(pids, stopping, say)
-    os.close(to_parent)
-    os.close(from_parent)
+    os.close(ready_r)
+    os.close(go_w)
     for sock in socks:
         sock.close()
     return status
