@@ -217,31 +217,33 @@ def _top_p_keep(p: np.ndarray, top_p: float) -> np.ndarray:
     which set to sort, never a kept token, so numpy's pairwise sum is fine there). The
     thresholds are tried within a pool {p >= POOL * max p} first, which holds nearly all
     the mass of a trained model's distribution, so the vocabulary is scanned once.
-    The candidates are sorted by an unstable (fast) sort: permuting equal values leaves
-    every cumulative sum unchanged, so only which ids of the last kept value's tie group
-    are kept can differ, and those are then taken by ascending id, as the spec says.
+    Only the candidates' values are sorted (the sorted values are the same whatever the
+    sort, and equal values in any order give the same cumulative sums); the kept ids are
+    then those above the last kept value, and of its tie group the lowest ids, as the
+    spec says.
     """
     pmax = p.max()
     pool = np.flatnonzero(p >= pmax * _POOL)
-    pool_mass = p[pool].sum()
-    for f in _FRACTIONS:
+    in_pool = p[pool]
+    pool_mass = in_pool.sum()
+    for f in _FRACTIONS:          # (x[flatnonzero(mask)]: 3x faster than x[mask] here)
         if f and f >= _POOL and pool_mass >= top_p - 1e-9:
-            cand = pool[p[pool] >= pmax * f]                # ascending ids, as flatnonzero's
+            cand = pool[np.flatnonzero(in_pool >= pmax * f)]   # ascending ids, as flatnonzero's
         else:
             cand = np.flatnonzero(p >= pmax * f) if f else np.arange(len(p))
         pc = p[cand]
         if f and pc.sum() < top_p - 1e-9:          # surely short of top_p: skip the sort
             continue
-        vals = pc[np.argsort(-pc)]                 # descending; ties in any order
+        vals = np.sort(pc)[::-1]                   # descending (values only: 4x argsort's speed)
         cum = np.cumsum(vals)
         if cum[-1] >= top_p or not f:
-            before = np.concatenate(([0.0], cum[:-1]))
-            n_keep = max(1, int(np.count_nonzero(before < top_p)))   # `before` is nondecreasing
+            # n_keep = how many of before = [0, cum[0], cum[1], ...] are < top_p (nondecreasing)
+            n_keep = max(1, int(top_p > 0) + int(np.searchsorted(cum[:-1], top_p, side="left")))
             last = vals[n_keep - 1]
             keep = pc > last
             ties = np.flatnonzero(pc == last)[: n_keep - int(np.count_nonzero(keep))]
             keep[ties] = True                                        # lowest ids first
-            return cand[keep]                                        # ascending, as cand
+            return cand[np.flatnonzero(keep)]                        # ascending, as cand
     raise AssertionError("unreachable")
 
 
