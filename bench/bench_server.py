@@ -32,7 +32,7 @@ from test_server_security import serve_process   # noqa: E402  (the tests' serve
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import header  # noqa: E402
 
-from refcomplete.workers import usable_cores  # noqa: E402
+from refcomplete.batch import usable_cores  # noqa: E402
 
 MODEL = "gpt2-tiny-shakespeare"
 PROMPTS = ["ROMEO:", "JULIET:", "To be, or not", "KING HENRY:", "O", "First Citizen:",

@@ -214,10 +214,19 @@ def _pool_answer(body: dict) -> tuple:
     return answer(_worker_completions, body)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a container's or taskset's share,
+    where os.cpu_count() counts the whole machine)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:          # no affinity call on this platform
+        return os.cpu_count() or 1
+
+
 def thread_env(workers: int) -> dict:
-    """Thread-pool sizes for one of `workers` processes sharing this machine's cores (only
+    """Thread-pool sizes for one of `workers` processes sharing this process's cores (only
     those the user has not set): one threading owner per core, never oversubscribed."""
-    per = str(max(1, (os.cpu_count() or 1) // workers))
+    per = str(max(1, usable_cores() // workers))
     return {k: per for k in THREAD_VARS if k not in os.environ}
 
 

@@ -37,13 +37,6 @@ from typing import Callable
 READY_TIMEOUT = 600.0    # seconds for every worker to load its models
 
 
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def bind(host: str, port: int, n: int) -> list[socket.socket]:
     """n sockets bound to (host, port) with SO_REUSEPORT, one per worker: the kernel then
     spreads new connections over the workers by a hash of their addresses. (One shared

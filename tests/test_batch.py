@@ -283,3 +283,17 @@ def test_ray_writes_the_same_bytes(tmp_path, endpoint):
         ray.shutdown()
     assert counts == {"ok": 10, "failed": 2, "skipped": 0}
     assert same_bytes(one.read_bytes()) == same_bytes(on_ray.read_bytes())
+
+
+def test_thread_env_divides_the_cores_this_process_may_use(monkeypatch):
+    """Workers' thread pools split the CPU affinity (a container's share), not the machine,
+    and a size the user set is left alone."""
+    for var in batch.THREAD_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert batch.usable_cores() == 4
+    assert batch.thread_env(2) == {var: "2" for var in batch.THREAD_VARS}
+    assert batch.thread_env(8) == {var: "1" for var in batch.THREAD_VARS}
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "3")
+    assert "NUMBA_NUM_THREADS" not in batch.thread_env(2)
