@@ -438,7 +438,7 @@ def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000,
     processes sharing the socket (workers.py). Returns the exit status."""
     import uvicorn
 
-    def run(sock=None, ready=None):
+    def run(inbox=None, ready=None):
         fixed_mmap_threshold()
         endpoint = load_endpoint(models, api_key, max_body, limits,
                                  HostPolicy.for_server(host, allowed_hosts), backend, serial,
@@ -450,8 +450,8 @@ def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000,
                                 http=h11_protocol(big.status, big.headers, big.body))
         if ready:
             ready()
-        server = uvicorn.Server(config)
-        server.run(sockets=[sock] if sock else None)
+        server = _worker_server(inbox)(config) if inbox else uvicorn.Server(config)
+        server.run()
         return 0 if server.started else 3          # 3: as uvicorn.run (the port was taken...)
 
     if workers == 1:
@@ -464,6 +464,39 @@ def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000,
     for spec in models:                           # a name that does not resolve: before forking
         resolve(spec.split("=", 1)[-1])
     return run_workers(workers, host, port, run, say=lambda text: print(text, flush=True))
+
+
+def _worker_server(inbox):
+    """uvicorn's Server for one of `serve --workers N`: it listens on no socket of its own
+    but serves the connections the parent hands it (workers.Inbox), and counts each one it
+    closes (the parent sends new ones to the worker with the fewest open)."""
+    import asyncio
+
+    import uvicorn
+
+    class Worker(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await self.lifespan.startup()
+            if self.lifespan.should_exit:
+                sys.exit(3)
+            config, state = self.config, self.server_state
+
+            class Counted(config.http_protocol_class):
+                def connection_lost(self, exc):
+                    super().connection_lost(exc)
+                    inbox.closed_one()
+
+            def protocol():
+                return Counted(config=config, server_state=state, app_state=self.lifespan.state)
+            self.servers = []
+            inbox.serve(asyncio.get_running_loop(), protocol,
+                        parent_gone=lambda: setattr(self, "should_exit", True))
+            self.started = True
+
+        async def shutdown(self, sockets=None):
+            inbox.stop(asyncio.get_running_loop())
+            await super().shutdown(sockets)
+    return Worker
 
 
 MMAP_THRESHOLD = 128 * 1024   # bytes: glibc's initial threshold, kept fixed

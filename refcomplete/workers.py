@@ -1,28 +1,31 @@
-"""`refcomplete serve --workers N`: N server processes sharing one port.
+"""`refcomplete serve --workers N`: N server processes behind one port.
 
-Knows: processes, signals, a socket. Does not know: HTTP, models, requests (server.py
-runs one worker's uvicorn; each worker is the whole batched server of one process).
+Knows: processes, signals, sockets, handing a connection to a process. Does not know:
+HTTP, models, requests (server.py runs one worker's uvicorn on an Inbox; each worker is
+the whole batched server of one process).
 
-    run_workers(2, "127.0.0.1", 8000, start)   # start(sock, ready) runs one worker
+    run_workers(2, "127.0.0.1", 8000, start)   # start(inbox, ready) runs one worker
 
 Why processes. One batched server keeps a single process's per-token Python work (its
-sampling, chunks and SSE frames) under one GIL, and measured 1.5x the serial server with
-32 streaming clients on 2 cores; two one-thread workers served 2.9x (docs/benchmarks.md).
-Every worker computes the same bits (SEMANTICS 4: a row's result depends on no other
-row, no thread count), so which worker answers changes no byte.
+sampling, chunks and SSE frames) under one GIL, and measured 1.55x the serial server with
+32 streaming clients on 2 cores; two one-thread workers serve about 2.8x
+(docs/benchmarks.md). Every worker computes the same bits (SEMANTICS 4: a row's result
+depends on no other row, no thread count), so which worker answers changes no byte.
 
-How. The parent binds one socket per worker to the port (SO_REUSEPORT: see bind), then
-forks the workers before it imports Numba or loads
+How. The parent binds the port, then forks the workers before it imports Numba or loads
 a model (so no thread pool is copied mid-flight; each worker loads its own model: the
 weights' file pages are shared through the page cache, the rest is per worker). Each
 worker gets cores / N threads (batch.thread_env), loads its models, reports ready, and
-waits; once all are ready the parent lets them accept. The kernel then hands each new
-connection to one worker's socket; a keep-alive connection stays with its worker.
+waits; once all are ready the parent listens. The parent accepts every connection and
+sends its descriptor (SCM_RIGHTS) to the worker with the fewest open connections, which
+serves it to the end (keep-alive included); workers count the connections they close in
+a shared array. Left to the kernel (a socket per worker, SO_REUSEPORT), 32 connections
+split by an address hash, 13/19 say, and the heavier worker set the pace.
 SIGINT or SIGTERM to the parent is passed on once as SIGTERM (each worker's uvicorn then
 gives requests in flight its graceful-shutdown time). Workers run in their own process
 group, so a terminal's Ctrl-C reaches the parent only, and they exit if the parent dies.
 A worker that exits on its own (a crash, a kill) stops the others: the server never runs
-at part strength without saying so. Linux only (fork, prctl).
+at part strength without saying so. Linux only (fork, prctl, SCM_RIGHTS).
 """
 
 from __future__ import annotations
@@ -35,59 +38,99 @@ import time
 from typing import Callable
 
 READY_TIMEOUT = 600.0    # seconds for every worker to load its models
+BACKLOG = 2048           # connections waiting to be accepted
 
 
-def bind(host: str, port: int, n: int) -> list[socket.socket]:
-    """n sockets bound to (host, port) with SO_REUSEPORT, one per worker: the kernel then
-    spreads new connections over the workers by a hash of their addresses. (One shared
-    socket let the worker that woke first accept a whole burst: 32 clients then mostly
-    landed on one worker, 505 tok/s against 1,000 when split evenly by hand; one socket
-    with one accept per wake-up in each worker still gave 525-740.) Not yet listening."""
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket; only the parent accepts on it (see run_workers)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    socks = []
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say TCP;
+    # without it Nagle's algorithm held SSE chunks back (44 ms for 8 tokens, not 20).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        for _ in range(n):
-            # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say
-            # TCP; without it Nagle's algorithm held SSE chunks back (44 ms for 8 tokens).
-            sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host, port))
-            port = sock.getsockname()[1]                      # port 0: the others follow the first
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
     except OSError:
-        for sock in socks:
-            sock.close()
+        sock.close()
         raise
-    return socks
+    return sock
+
+
+class Inbox:
+    """A worker's end of the hand-off: connections the parent accepted arrive here, one
+    descriptor per message, and the worker counts each one it has closed in a shared
+    slot (the parent's measure of the worker's load)."""
+
+    def __init__(self, conn: socket.socket, closed: memoryview, index: int):
+        self.conn, self._closed, self._index = conn, closed, index
+
+    def serve(self, loop, protocol_factory, parent_gone: Callable) -> None:
+        """Hand every arriving connection to loop.connect_accepted_socket."""
+        import asyncio
+
+        def arrived():
+            while True:
+                try:
+                    msg, fds, _, _ = socket.recv_fds(self.conn, 1, 1)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    msg, fds = b"", []
+                if not msg:                                    # the parent is gone
+                    loop.remove_reader(self.conn.fileno())
+                    parent_gone()
+                    return
+                for fd in fds:
+                    sock = socket.socket(fileno=fd)
+                    sock.setblocking(False)
+                    asyncio.ensure_future(loop.connect_accepted_socket(protocol_factory, sock))
+        self.conn.setblocking(False)
+        loop.add_reader(self.conn.fileno(), arrived)
+
+    def stop(self, loop) -> None:
+        loop.remove_reader(self.conn.fileno())
+
+    def closed_one(self) -> None:
+        self._closed[self._index] += 1
 
 
 def run_workers(n: int, host: str, port: int, start: Callable, say=print) -> int:
-    """Fork n workers that each call start(sock, ready) (ready(): its models are loaded;
-    it returns once every worker may accept), then supervise them. Returns the exit
-    status: 0 after a requested stop, else the first failing worker's status."""
+    """Fork n workers that each call start(inbox, ready) (ready(): its models are loaded;
+    it returns once every worker may serve; inbox: an Inbox), then hand out connections
+    and supervise. Returns the exit status: 0 after a requested stop, else the first
+    failing worker's status."""
+    import mmap
+    import threading
+
     from refcomplete.batch import thread_env
 
     try:
-        socks = bind(host, port, n)
+        sock = bind(host, port)
     except OSError as exc:
         print(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         return 3                                               # uvicorn's status for this
-    port = socks[0].getsockname()[1]
+    port = sock.getsockname()[1]
+    closed = memoryview(mmap.mmap(-1, 8 * n)).cast("q")        # shared: connections closed
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(n)]
     ready_r, ready_w = os.pipe()            # workers -> parent: a byte per worker ready
-    go_r, go_w = os.pipe()                  # parent -> workers: a byte each, accept now
+    go_r, go_w = os.pipe()                  # parent -> workers: a byte each, serve now
     pids = []
     for i in range(n):
         pid = os.fork()
         if pid == 0:                                           # the worker
             os.close(ready_r)
             os.close(go_w)
-            for other in socks[:i] + socks[i + 1:]:
-                other.close()
-            _worker(i, socks[i], ready_w, go_r, thread_env(n), start)
+            sock.close()
+            for j, (mine, theirs) in enumerate(pairs):
+                mine.close()
+                if j != i:
+                    theirs.close()
+            _worker(i, Inbox(pairs[i][1], closed, i), ready_w, go_r, thread_env(n), start)
         pids.append(pid)
     os.close(ready_w)
     os.close(go_r)
+    for _, theirs in pairs:
+        theirs.close()
     stopping = []
 
     def stop(signum, frame):
@@ -99,20 +142,50 @@ def run_workers(n: int, host: str, port: int, start: Callable, say=print) -> int
 
     status = _await_ready(n, ready_r, pids, stopping)
     if status is None:
-        for sock in socks:
-            sock.listen(2048)
+        sock.listen(BACKLOG)
         os.write(go_w, b"g" * n)
+        hand_out = threading.Thread(target=_hand_out, args=(sock, [p for p, _ in pairs], closed,
+                                                            stopping), daemon=True)
+        hand_out.start()
         say(f"refcomplete serve: {n} workers ready on http://{host}:{port} "
             f"(pids {' '.join(map(str, pids))})")
         status = _supervise(pids, stopping, say)
+        stopping.append("done")
+        hand_out.join(timeout=2)
     os.close(ready_r)
     os.close(go_w)
-    for sock in socks:
-        sock.close()
+    sock.close()
+    for mine, _ in pairs:
+        mine.close()
     return status
 
 
-def _worker(i: int, sock, ready_w: int, go_r: int, env: dict, start: Callable) -> None:
+def _hand_out(sock: socket.socket, pairs: list, closed: memoryview, stopping: list) -> None:
+    """Accept every connection and send it to the worker with the fewest open ones (ties:
+    in turn). Node's cluster module does the same by default on Linux, for the same
+    reason: left to the kernel, a few long-lived connections split unevenly."""
+    n, sent, turn = len(pairs), [0] * len(pairs), 0
+    sock.settimeout(0.25)                                      # to notice a stop
+    while not stopping:
+        try:
+            conn, _ = sock.accept()
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+        with conn:
+            load = [sent[i] - closed[i] for i in range(n)]
+            least = min(load)
+            i = next(j % n for j in range(turn, turn + n) if load[j % n] == least)
+            try:
+                socket.send_fds(pairs[i], [b"c"], [conn.fileno()])
+            except OSError:                                    # that worker is gone: the
+                continue                                       # supervisor stops the rest
+            sent[i] += 1
+            turn = i + 1
+
+
+def _worker(i: int, inbox: Inbox, ready_w: int, go_r: int, env: dict, start: Callable) -> None:
     """The child side of the fork: never returns."""
     code = 1
     try:
@@ -126,7 +199,7 @@ def _worker(i: int, sock, ready_w: int, go_r: int, env: dict, start: Callable) -
             os.write(ready_w, b"r")
             if os.read(go_r, 1) != b"g":                        # the parent went away
                 raise SystemExit(1)
-        code = start(sock, ready) or 0
+        code = start(inbox, ready) or 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:

@@ -65,6 +65,45 @@ def test_both_workers_answer_and_a_stop_ends_them_all():
         assert srv.log_errors() == [], srv.output()[-3000:]
 
 
+def open_connections(pid: int, port: int) -> int:
+    """Established TCP connections to `port` that process `pid` holds (Linux /proc)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        f = line.split()
+        if f[3] == "01" and int(f[1].split(":")[1], 16) == port and f[9] in inodes:
+            count += 1
+    return count
+
+
+def test_connections_go_to_the_least_loaded_worker():
+    """32 keep-alive connections, opened one after another: 16 on each worker (the kernel's
+    hash split them unevenly, and the heavier worker then set the pace)."""
+    body = b'{"model": "%s", "prompt": "O", "max_tokens": 1}' % MODEL.encode()
+    with serve_process(MODEL, flags=FAST) as srv:
+        kids = worker_pids(srv)
+        socks = []
+        try:
+            for _ in range(32):
+                s = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                          b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                          % (len(body), body))
+                assert s.recv(65536).startswith(b"HTTP/1.1 200")   # served, still open
+                socks.append(s)
+            assert sorted(open_connections(p, srv.port) for p in kids) == [16, 16]
+        finally:
+            for s in socks:
+                s.close()
+
+
 def rss_kib(pid: int) -> int:
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS:"):
