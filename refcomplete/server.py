@@ -567,9 +567,9 @@ def add_subcommand(subparsers) -> None:
                    help="run one request's model call at a time, as before batching (for "
                    "comparison; the same bytes either way)")
     p.add_argument("--workers", type=_positive(int), default=1, metavar="N",
-                   help="server processes sharing the port, each batching its own requests "
+                   help="server processes behind the port, each batching its own requests "
                    "with cores/N threads (default 1; the number of cores serves the most: "
-                   "2.9x --serial with 32 clients on 2 cores, against 1.5x with 1; each "
+                   "about 3x --serial with 32 clients on 2 cores, against 1.6x with 1; each "
                    "worker holds its own copy of the models' non-file memory)")
     p.add_argument("--max-batch-rows", type=_positive(int), default=None, metavar="N",
                    help="KV-cache row slots of the batch pool, per model (default 64, fewer "

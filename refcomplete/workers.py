@@ -7,8 +7,8 @@ the whole batched server of one process).
     run_workers(2, "127.0.0.1", 8000, start)   # start(inbox, ready) runs one worker
 
 Why processes. One batched server keeps a single process's per-token Python work (its
-sampling, chunks and SSE frames) under one GIL, and measured 1.55x the serial server with
-32 streaming clients on 2 cores; two one-thread workers serve about 2.8x
+sampling, chunks and SSE frames) under one GIL, and measured 1.6-1.7x the serial server
+with 32 streaming clients on 2 cores; two one-thread workers served 2.95-3.21x
 (docs/benchmarks.md). Every worker computes the same bits (SEMANTICS 4: a row's result
 depends on no other row, no thread count), so which worker answers changes no byte.
 
