@@ -435,7 +435,8 @@ def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000,
     `guards.HostPolicy.for_server(host, allowed_hosts)` are answered. uvicorn runs its h11
     protocol (guards.h11_protocol: an over-long Content-Length is our 413). Requests are
     batched (batching.py) unless `serial`; `workers` > 1 runs that many such servers in
-    processes sharing the socket (workers.py). Returns the exit status."""
+    processes behind the port, the parent handing each one connections (workers.py).
+    Returns the exit status."""
     import uvicorn
 
     def run(inbox=None, ready=None):

@@ -125,7 +125,7 @@ def run_workers(n: int, host: str, port: int, start: Callable, say=print) -> int
                 mine.close()
                 if j != i:
                     theirs.close()
-            _worker(i, Inbox(pairs[i][1], closed, i), ready_w, go_r, thread_env(n), start)
+            _worker(Inbox(pairs[i][1], closed, i), ready_w, go_r, thread_env(n), start)
         pids.append(pid)
     os.close(ready_w)
     os.close(go_r)
@@ -185,7 +185,7 @@ def _hand_out(sock: socket.socket, pairs: list, closed: memoryview, stopping: li
             turn = i + 1
 
 
-def _worker(i: int, inbox: Inbox, ready_w: int, go_r: int, env: dict, start: Callable) -> None:
+def _worker(inbox: Inbox, ready_w: int, go_r: int, env: dict, start: Callable) -> None:
     """The child side of the fork: never returns."""
     code = 1
     try:
@@ -233,7 +233,7 @@ def _await_ready(n: int, fd: int, pids: list, stopping: list) -> int | None:
         except BlockingIOError:
             pass
         if stopping:                                           # asked to stop while loading
-            return max(_reap(pids), 0)
+            return _reap(pids)
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid:
             code = os.waitstatus_to_exitcode(status)
@@ -256,9 +256,7 @@ def _supervise(pids: list, stopping: list, say) -> int:
     first = None
     while pids:
         try:
-            pid, status = os.waitpid(-1, 0)
-        except InterruptedError:
-            continue
+            pid, status = os.waitpid(-1, 0)                    # (EINTR is retried: PEP 475)
         except ChildProcessError:
             break
         pids.remove(pid)

@@ -40,6 +40,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rss_kib(pid: int) -> int:
+    """Resident memory of process `pid`, KiB (Linux: /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
 class ServerProcess:
     """`refcomplete serve` in a subprocess: url, pid, its log, its memory."""
 
@@ -76,10 +84,7 @@ class ServerProcess:
 
     def rss_kib(self) -> int:
         """Resident memory of the server process (Linux: /proc)."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise RuntimeError("no VmRSS")
+        return rss_kib(self.proc.pid)
 
     def stop(self, timeout: float = 20) -> int:
         """A graceful stop (SIGTERM, as a service manager would): the exit status."""

@@ -23,7 +23,7 @@ import pytest
 
 from test_server_batching import send_all, worker_pids
 from test_server_load import CONCURRENCY, LOAD_REQUESTS, _load, cpu_seconds
-from test_server_security import free_port, serve_process
+from test_server_security import free_port, rss_kib, serve_process
 
 MODEL = "gpt2-tiny-shakespeare"
 FAST = ["--workers", "2", "--shutdown-timeout", "3"]
@@ -102,13 +102,6 @@ def test_connections_go_to_the_least_loaded_worker():
         finally:
             for s in socks:
                 s.close()
-
-
-def rss_kib(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 def test_load_64_clients_on_two_workers():
