@@ -18,13 +18,14 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from refcomplete.kernels import require_package_name
+from refcomplete.kernels import nrt_cache, require_package_name
 from refcomplete.kernels.fmath import (EXP_OVERFLOW, EXP_UNDERFLOW, INV_LN2, LG1, LG2, LG3, LG4,
                                        LG5, LG6, LG7, LN2_HI, LN2_LO, MIN_NORMAL, P1, P2, P3, P4,
                                        P5, TWO54)
 MAGIC_POW2 = 1023.0 + 2.0 ** 52
 
 require_package_name(__name__)
+nrt_cache.install()                 # before any kernel loads; gpt2.py imports this module first
 
 
 def f64_from_bits(bits):
