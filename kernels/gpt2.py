@@ -24,7 +24,11 @@ Parallel loops split only over output columns / vocabulary / (row, head) pairs;
 import math
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import config
+from numba.core.codegen import get_host_cpu_features
+from numba.extending import intrinsic, overload
 
 from refcomplete.kernels import require_package_name
 from refcomplete.kernels.fmath import GELU_A, GELU_C
@@ -97,6 +101,106 @@ def _matmul_cols(x, w, n0, n1, acc):
                 ab[j] += xv * wk[j]
 
 
+# A register tile: TILE_ROWS rows x TILE_COLS columns of accumulators held in vector
+# registers for the whole k loop (12 of AVX2's 16), where _matmul_cols sends them through
+# memory every 8 k-steps. Each element is still ((0 + x0*w0) + x1*w1) + ..., a multiply
+# then an add, k strictly in order: the same bits. Written as LLVM IR (8-float vectors,
+# no fast-math flags, so no FMA contraction): Numba's own loops did not keep the
+# accumulators in registers (docs/benchmarks.md).
+TILE_ROWS, TILE_COLS = 6, 16
+# Used where the compile target has 16 vector registers (AVX2: prefill 512 tokens 1.28-1.32 s
+# -> 1.11-1.14 s); with AVX-512's 32, _matmul_cols keeps its accumulators in registers
+# too, and was 6% faster (docs/benchmarks.md). The target's features, as Numba takes them,
+# are also in its cache key: a cached kernel never holds the other choice. Same bits.
+TILED = "+avx512f" not in (config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features())
+
+
+def tile(x, k0, panel, acc, b, j):
+    """acc[b:b+6, j:j+16] += x[b:b+6, k0:k0+kb] @ panel, one k at a time in order, panel
+    [kb, 16] contiguous (the interpreted twin, for NUMBA_DISABLE_JIT=1; compiled, the
+    intrinsic below)."""
+    for i in range(b, b + TILE_ROWS):
+        a = acc[i, j:j + TILE_COLS].copy()
+        for k in range(panel.shape[0]):
+            a = a + x[i, k0 + k] * panel[k]
+        acc[i, j:j + TILE_COLS] = a
+
+
+@intrinsic
+def _tile(typingctx, x, k0, panel, acc, b, j):
+    def codegen(context, builder, signature, args):
+        f32, i64 = ir.FloatType(), ir.IntType(64)
+        vec = ir.VectorType(f32, 8)
+        nv = TILE_COLS // 8
+        x_, p_, a_ = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3))
+        k0_, b_, j_ = (context.cast(builder, args[i], signature.args[i], types.int64) for i in (1, 4, 5))
+        const = lambda n: ir.Constant(i64, n)
+        in_floats = lambda a: builder.sdiv(builder.extract_value(a.strides, 0), const(4))
+        row = lambda a, i, col: builder.gep(a.data, [builder.add(builder.mul(builder.add(b_, const(i)), in_floats(a)), col)])
+        vptr = lambda p, v: builder.bitcast(builder.gep(p, [const(8 * v)]), vec.as_pointer())
+        K = builder.extract_value(p_.shape, 0)
+        xrows = [row(x_, i, k0_) for i in range(TILE_ROWS)]
+        arows = [row(a_, i, j_) for i in range(TILE_ROWS)]
+        start = [builder.load(vptr(arows[i], v), align=4) for i in range(TILE_ROWS) for v in range(nv)]
+        entry = builder.block
+        head, body, done = (builder.append_basic_block(f"tile.{n}") for n in ("head", "body", "done"))
+        builder.branch(head)
+        builder.position_at_end(head)                    # k, and the accumulators, as phis
+        k = builder.phi(i64)
+        k.add_incoming(const(0), entry)
+        accs = [builder.phi(vec) for _ in start]
+        for a, s0 in zip(accs, start):
+            a.add_incoming(s0, entry)
+        builder.cbranch(builder.icmp_signed("<", k, K), body, done)
+        builder.position_at_end(body)                    # acc += x[., k] * panel[k], k in order
+        pk = builder.gep(p_.data, [builder.mul(k, const(TILE_COLS))])
+        wv = [builder.load(vptr(pk, v), align=4) for v in range(nv)]
+        undef, splat = ir.Constant(vec, None), ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8)
+        new = []
+        for i in range(TILE_ROWS):
+            xs = builder.insert_element(undef, builder.load(builder.gep(xrows[i], [k])), const(0))
+            xb = builder.shuffle_vector(xs, undef, splat)
+            new += [builder.fadd(accs[i * nv + v], builder.fmul(xb, wv[v])) for v in range(nv)]
+        k.add_incoming(builder.add(k, const(1)), body)
+        for a, n in zip(accs, new):
+            a.add_incoming(n, body)
+        builder.branch(head)
+        builder.position_at_end(done)
+        for i in range(TILE_ROWS):
+            for v in range(nv):
+                builder.store(accs[i * nv + v], vptr(arows[i], v), align=4)
+        return context.get_dummy_value()
+    return types.void(x, k0, panel, acc, b, j), codegen
+
+
+@overload(tile)
+def _ol_tile(x, k0, panel, acc, b, j):
+    return lambda x, k0, panel, acc, b, j: _tile(x, k0, panel, acc, b, j)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _matmul_strip(x, w, n0, acc, panel):
+    """acc[:, :16] = x @ w[:, n0:n0+16] as _matmul_cols, through register tiles of 6 rows
+    and _matmul_cols for the last B % 6: every element the same sum. k goes in blocks of
+    len(panel); each block of the strip is first copied into `panel` [kb, 16], contiguous
+    (read in place, the strip's rows lie N floats apart, a multiple of 4 KB for N = 768
+    or 3072: all in one L1 set, and twice as slow). Each w element is copied
+    once per call, and x is read once per strip."""
+    B, K = x.shape
+    Bt = B - B % TILE_ROWS
+    acc[:Bt] = 0.0
+    for k0 in range(0, K, panel.shape[0]):
+        k1 = min(K, k0 + panel.shape[0])
+        p = panel[:k1 - k0]
+        for k in range(k0, k1):
+            for c in range(TILE_COLS):
+                p[k - k0, c] = w[k, n0 + c]
+        for b in range(0, Bt, TILE_ROWS):
+            tile(x, k0, p, acc, b, 0)
+    if Bt < B:
+        _matmul_cols(x[Bt:], w, n0, n0 + TILE_COLS, acc[Bt:])
+
+
 @njit(cache=True, error_model="numpy", inline="always")
 def _columns(w, t, T):
     """Task t's output columns [n0, n1) of a linear layer with T columns per task."""
@@ -109,6 +213,8 @@ def _columns(w, t, T):
 # of a 768 x 3072 layer (measured); accumulating in the output's own rows instead
 # (strided) was four times slower.
 ROWS = 64
+TILE_MIN_ROWS = 192     # below it, _matmul_cols (AVX2: 32 rows 1.6x slower tiled, 128 alike, 256 faster)
+TILE_K = 768            # k-block of the tiles: a 48 KB strip of w (256: 10% slower; 384-1024 alike)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -163,20 +269,37 @@ def _linear(x, w, bias, out, tasks, epilogue):
     T = _cols_per_task(N, tasks)
     for t in prange((N + T - 1) // T):
         n0, n1 = _columns(w, t, T)
-        acc = np.empty((min(B, ROWS), n1 - n0), np.float32)
-        for b0 in range(0, B, ROWS):
-            b1 = min(B, b0 + ROWS)
-            _matmul_cols(x[b0:b1], w, n0, n1, acc)
-            for b in range(b0, b1):
-                a = acc[b - b0]
-                if epilogue == GELU:
-                    _gelu_into(a, bias, n0, out[b])
-                elif epilogue == RESIDUAL:
-                    for n in range(n0, n1):
-                        out[b, n] = out[b, n] + (a[n - n0] + bias[n])
-                else:
-                    for n in range(n0, n1):
-                        out[b, n] = a[n - n0] + bias[n]
+        if TILED and B >= TILE_MIN_ROWS:            # prefill: 16-column strips, all rows
+            acc = np.empty((B, TILE_COLS), np.float32)
+            panel = np.empty((TILE_K, TILE_COLS), np.float32)
+            n = n0
+            while n + TILE_COLS <= n1:
+                _matmul_strip(x, w, n, acc, panel)
+                for b in range(B):
+                    _epilogue(acc[b], bias, out, b, n, epilogue)
+                n += TILE_COLS
+            n0 = n                                  # the last N % 16 columns: as decode
+        if n0 < n1:                                 # decode: every column, ROWS rows at a time
+            acc = np.empty((min(B, ROWS), n1 - n0), np.float32)
+            for b0 in range(0, B, ROWS):
+                b1 = min(B, b0 + ROWS)
+                _matmul_cols(x[b0:b1], w, n0, n1, acc)
+                for b in range(b0, b1):
+                    _epilogue(acc[b - b0], bias, out, b, n0, epilogue)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _epilogue(a, bias, out, b, n0, epilogue):
+    """Row b, columns [n0, n0 + len(a)) of a linear layer, from its sums a."""
+    n1 = n0 + a.shape[0]
+    if epilogue == GELU:
+        _gelu_into(a, bias, n0, out[b])
+    elif epilogue == RESIDUAL:
+        for n in range(n0, n1):
+            out[b, n] = out[b, n] + (a[n - n0] + bias[n])
+    else:
+        for n in range(n0, n1):
+            out[b, n] = a[n - n0] + bias[n]
 
 
 @njit(cache=True, error_model="numpy", nogil=True)

@@ -14,6 +14,7 @@ import pytest
 
 from refcomplete.kernels import gpt2 as k
 from refcomplete.kernels import gpt2_numpy as twin
+from test_bits_portable import AVX2_FEATURES
 
 RNG = np.random.default_rng(0)
 
@@ -175,6 +176,48 @@ args = t.attention_case(B=3, H=4, D=64, P=300, R=4, S=40)
 a = np.empty_like(args[0]); k.attend(*args, a)
 print(hashlib.sha256(out.tobytes() + g.tobytes() + a.tobytes()).hexdigest())
 """
+
+
+@pytest.mark.parametrize("B,K,kb", [(6, 16, 16), (13, 40, 16), (20, 1000, 768), (7, 300, 128)])
+def test_register_tiles_equal_twin_bitwise(B, K, kb):
+    """The register-tile path (k.TILED: targets without AVX-512), compiled here whatever
+    this machine has: 6-row tiles, the B % 6 edge rows, k in blocks of kb. Under
+    NUMBA_DISABLE_JIT=1 this pins the tile's interpreted twin."""
+    from numba import njit
+
+    x, w = rand(B, K), rand(K, 40, scale=0.2)
+    acc = np.full((B, k.TILE_COLS), np.nan, np.float32)
+    strip = njit(lambda x, w, n0, acc, panel: k._matmul_strip(x, w, n0, acc, panel))
+    strip(x, w, 21, acc, np.empty((kb, k.TILE_COLS), np.float32))
+    assert np.array_equal(acc, twin._matmul(x, w[:, 21:21 + k.TILE_COLS]))
+
+
+TILED_LINEARS = """
+import numpy as np
+from refcomplete.kernels import gpt2 as k, gpt2_numpy as t
+r = np.random.default_rng(1)
+N = 3 * k.TILE_COLS * 2 + 7                      # two tasks of three strips, and an edge
+x, w, b = (r.standard_normal(s).astype(np.float32) for s in ((k.TILE_MIN_ROWS + 5, 70), (70, N), (N,)))
+same = []
+for kern, tw in ((k.linear, t.linear), (k.linear_gelu, t.linear_gelu), (k.linear_residual, t.linear_residual)):
+    o1 = np.ones((len(x), N), np.float32)
+    o2 = o1.copy()
+    kern(x, w, b, o1, 2)
+    tw(x, w, b, o2, 2)
+    same.append(bool(np.array_equal(o1, o2)))
+print(k.TILED, all(same))
+"""
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="no compile target")
+@pytest.mark.parametrize("features,tiled", [(AVX2_FEATURES, "True"), (AVX2_FEATURES + ",+avx512f", "False")])
+def test_tiles_follow_the_compile_target(tmp_path, features, tiled):
+    """Tiles where Numba compiles without AVX-512 (on any machine: NUMBA_CPU_FEATURES sets
+    the target), and prefill-sized linears equal to their twins either way, bit for bit."""
+    env = dict(os.environ, NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", TILED_LINEARS], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == [tiled, "True"]
 
 
 @pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="no JIT, no cache")
