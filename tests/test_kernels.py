@@ -120,19 +120,39 @@ def test_attend_takes_the_full_exp_where_a_score_is_708_below_the_max():
     assert np.isnan(out[2, 1]).all() and np.isfinite(out[:2]).all()
 
 
-@pytest.mark.parametrize("B,n_pre", [(3, 5), (7, 0)])
-def test_blocks_equal_twin_bitwise(B, n_pre):
+@pytest.mark.parametrize("T,H,D,S,scale", [(40, 2, 16, 45, 1.0), (37, 3, 64, 50, 1.0), (64, 2, 24, 64, 1.0),
+                                           (6, 1, 16, 6, 1.0), (13, 2, 16, 1024, 1.0), (50, 2, 16, 50, 400.0)])
+def test_attend_prompt_equals_attend_bitwise(T, H, D, S, scale):
+    """A prompt's attention through register tiles: T % 6 edge queries, D % 16 edge
+    columns, a capacity S of 4 KB rows, the NaN entries past T never read, and (scale 400)
+    scores thousands apart, the full exp's path."""
+    q = rand(T, H, D, scale=scale)
+    k_row = np.full((1, H, D, S), np.nan, np.float32)
+    v_row = np.full((1, H, S, D), np.nan, np.float32)
+    k_row[..., :T], v_row[:, :, :T] = rand(1, H, D, T, scale=scale), rand(1, H, T, D)
+    args = (q, np.zeros((H, D, 0), np.float32), np.zeros((H, 0, D), np.float32), 0, k_row, v_row,
+            np.zeros(T, np.int64), np.arange(1, T + 1, dtype=np.int64))
+    out, ref = np.empty_like(q), np.empty_like(q)
+    k.attend_prompt(q, k_row[0], v_row[0], out)
+    twin.attend(*args, ref)
+    assert np.array_equal(out, ref)
+    np.testing.assert_allclose(out, attend_math(*args), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("B,n_pre,prompt", [(3, 5, False), (7, 0, False), (k.PROMPT_TILE_MIN + 3, 0, True)])
+def test_blocks_equal_twin_bitwise(B, n_pre, prompt):
     """The whole layer loop (one compiled call) against its NumPy twin: the hidden states
-    and every key and value it writes into the rows' caches."""
-    L, C, H, R, S = 2, 32, 2, 4, 12
+    and every key and value it writes into the rows' caches; also for one row's prompt
+    (attend_prompt)."""
+    L, C, H, R, S = 2, 32, 2, 4, (B + 2 if prompt else 12)
     D = C // H
     w = tuple(tuple(rand(*shape, scale=0.3) for _ in range(L)) for shape in (
         (C,), (C,), (C, 3 * C), (3 * C,), (C, C), (C,), (C,), (C,), (C, 4 * C), (4 * C,),
         (4 * C, C), (C,)))
     k_pre = tuple(rand(H, D, n_pre) for _ in range(L))
     v_pre = tuple(rand(H, n_pre, D) for _ in range(L))
-    rows = np.array([i % R for i in range(B)], np.int64)
-    slot = np.array([i // R for i in range(B)], np.int64)      # distinct (row, slot) pairs;
+    rows = np.array([i % R for i in range(B)] if not prompt else [1] * B, np.int64)
+    slot = np.array([i // R for i in range(B)] if not prompt else range(B), np.int64)  # distinct (row, slot);
     # every entry a token attends to is written in the same layer; the NaN rest is unread
     x = rand(B, C)
     got, ref = [], []
