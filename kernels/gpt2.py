@@ -102,22 +102,24 @@ def _matmul_cols(x, w, n0, n1, acc):
 
 
 # A register tile: TILE_ROWS rows x TILE_COLS columns of accumulators held in vector
-# registers for the whole k loop (12 of AVX2's 16), where _matmul_cols sends them through
-# memory every 8 k-steps. Each element is still ((0 + x0*w0) + x1*w1) + ..., a multiply
-# then an add, k strictly in order: the same bits. Written as LLVM IR (8-float vectors,
-# no fast-math flags, so no FMA contraction): Numba's own loops did not keep the
-# accumulators in registers (docs/benchmarks.md).
-TILE_ROWS, TILE_COLS = 6, 16
-# Used where the compile target has 16 vector registers (AVX2: prefill 512 tokens 1.28-1.32 s
-# -> 1.11-1.14 s); with AVX-512's 32, _matmul_cols keeps its accumulators in registers
-# too, and was 6% faster (docs/benchmarks.md). The target's features, as Numba takes them,
-# are also in its cache key: a cached kernel never holds the other choice. Same bits.
-TILED = "+avx512f" not in (config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features())
+# registers for the whole k loop, where _matmul_cols sends them through memory every 8
+# k-steps. Each element is still ((0 + x0*w0) + x1*w1) + ..., a multiply then an add, k
+# strictly in order: the same bits whatever the tile's shape. Written as LLVM IR
+# (TILE_VEC-float vectors, no fast-math flags, so no FMA contraction): Numba's own loops
+# did not keep the accumulators in registers (docs/benchmarks.md). The shape follows the
+# compile target: AVX2's 16 vector registers hold 6 x 16 (12 of 8 floats); AVX-512's 32
+# hold 4 x 64 (16 of 16 floats), which loads each w vector for 4 rows and each x value for
+# 4 vectors. Measured, four prefill-sized linears: AVX2 6 x 16 67-73 GFLOP/s (4 x 24,
+# 3 x 32, 2 x 48 alike; _matmul_cols 58-64); AVX-512 4 x 64 111-133 (6 x 16 zmm 80-86,
+# 8 x 32 98-110; _matmul_cols 75-86). The target's features, as Numba takes them, are in
+# its cache key too: a cached kernel never holds the other shape.
+AVX512 = "+avx512f" in (config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features())
+TILE_ROWS, TILE_COLS, TILE_VEC = (4, 64, 16) if AVX512 else (6, 16, 8)
 
 
 def tile(x, k0, panel, acc, b, j):
-    """acc[b:b+6, j:j+16] += x[b:b+6, k0:k0+kb] @ panel, one k at a time in order; panel
-    [kb, 16]. Every array's last axis is contiguous (the interpreted twin, for
+    """acc[b:b+R, j:j+C] += x[b:b+R, k0:k0+kb] @ panel (R, C = TILE_ROWS, TILE_COLS), one
+    k at a time in order; panel [kb, C]. Every array's last axis is contiguous (the interpreted twin, for
     NUMBA_DISABLE_JIT=1; compiled, the intrinsic below)."""
     for i in range(b, b + TILE_ROWS):
         a = acc[i, j:j + TILE_COLS].copy()
@@ -130,14 +132,14 @@ def tile(x, k0, panel, acc, b, j):
 def _tile(typingctx, x, k0, panel, acc, b, j):
     def codegen(context, builder, signature, args):
         f32, i64 = ir.FloatType(), ir.IntType(64)
-        vec = ir.VectorType(f32, 8)
-        nv = TILE_COLS // 8
+        vec = ir.VectorType(f32, TILE_VEC)
+        nv = TILE_COLS // TILE_VEC
         x_, p_, a_ = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3))
         k0_, b_, j_ = (context.cast(builder, args[i], signature.args[i], types.int64) for i in (1, 4, 5))
         const = lambda n: ir.Constant(i64, n)
         in_floats = lambda a: builder.sdiv(builder.extract_value(a.strides, 0), const(4))
         row = lambda a, i, col: builder.gep(a.data, [builder.add(builder.mul(builder.add(b_, const(i)), in_floats(a)), col)])
-        vptr = lambda p, v: builder.bitcast(builder.gep(p, [const(8 * v)]), vec.as_pointer())
+        vptr = lambda p, v: builder.bitcast(builder.gep(p, [const(TILE_VEC * v)]), vec.as_pointer())
         K = builder.extract_value(p_.shape, 0)
         pstride = in_floats(p_)
         xrows = [row(x_, i, k0_) for i in range(TILE_ROWS)]
@@ -156,7 +158,7 @@ def _tile(typingctx, x, k0, panel, acc, b, j):
         builder.position_at_end(body)                    # acc += x[., k] * panel[k], k in order
         pk = builder.gep(p_.data, [builder.mul(k, pstride)])
         wv = [builder.load(vptr(pk, v), align=4) for v in range(nv)]
-        undef, splat = ir.Constant(vec, None), ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8)
+        undef, splat = ir.Constant(vec, None), ir.Constant(ir.VectorType(ir.IntType(32), TILE_VEC), [0] * TILE_VEC)
         new = []
         for i in range(TILE_ROWS):
             xs = builder.insert_element(undef, builder.load(builder.gep(xrows[i], [k])), const(0))
@@ -181,9 +183,10 @@ def _ol_tile(x, k0, panel, acc, b, j):
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _matmul_strip(x, w, n0, acc, panel):
-    """acc[:, :16] = x @ w[:, n0:n0+16] as _matmul_cols, through register tiles of 6 rows
-    and _matmul_cols for the last B % 6: every element the same sum. k goes in blocks of
-    len(panel); each block of the strip is first copied into `panel` [kb, 16], contiguous
+    """acc[:, :C] = x @ w[:, n0:n0+C] (C = TILE_COLS) as _matmul_cols, through register
+    tiles of TILE_ROWS rows and _matmul_cols for the last B % TILE_ROWS: every element the
+    same sum. k goes in blocks of len(panel); each block of the strip is first copied into
+    `panel` [kb, C], contiguous
     (read in place, the strip's rows lie N floats apart, a multiple of 4 KB for N = 768
     or 3072: all in one L1 set, and twice as slow). Each w element is copied
     once per call, and x is read once per strip."""
@@ -214,8 +217,12 @@ def _columns(w, t, T):
 # of a 768 x 3072 layer (measured); accumulating in the output's own rows instead
 # (strided) was four times slower.
 ROWS = 64
-TILE_MIN_ROWS = 192     # below it, _matmul_cols (AVX2: 32 rows 1.6x slower tiled, 128 alike, 256 faster)
-TILE_K = 768            # k-block of the tiles: a 48 KB strip of w (256: 10% slower; 384-1024 alike)
+# Below TILE_MIN_ROWS rows, _matmul_cols (AVX2: 32 rows 1.6x slower tiled, 128 alike, 256
+# faster; AVX-512: 16 rows 1.5x slower, 24 alike, 32 1.2x faster, 128 1.6x).
+TILE_MIN_ROWS = 32 if AVX512 else 192
+# k-block of the tiles: 768 k-steps of a strip of w are 48 KB (6 x 16; 256 was 10% slower,
+# 384-1024 alike) or 192 KB (4 x 64; 192-768 alike).
+TILE_K = 768
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -270,7 +277,7 @@ def _linear(x, w, bias, out, tasks, epilogue):
     T = _cols_per_task(N, tasks)
     for t in prange((N + T - 1) // T):
         n0, n1 = _columns(w, t, T)
-        if TILED and B >= TILE_MIN_ROWS:            # prefill: 16-column strips, all rows
+        if B >= TILE_MIN_ROWS:                      # prefill: strips of TILE_COLS, all rows
             acc = np.empty((B, TILE_COLS), np.float32)
             panel = np.empty((TILE_K, TILE_COLS), np.float32)
             n = n0
@@ -279,7 +286,7 @@ def _linear(x, w, bias, out, tasks, epilogue):
                 for b in range(B):
                     _epilogue(acc[b], bias, out, b, n, epilogue)
                 n += TILE_COLS
-            n0 = n                                  # the last N % 16 columns: as decode
+            n0 = n                                  # the last N % TILE_COLS columns: as decode
         if n0 < n1:                                 # decode: every column, ROWS rows at a time
             acc = np.empty((min(B, ROWS), n1 - n0), np.float32)
             for b0 in range(0, B, ROWS):
@@ -412,17 +419,21 @@ def attend(q, kt_pre, v_pre, n_pre, kt_row, v_row, rows, n_row, out):
         _mix(s[n_pre:], total, v_row[r, h], m, o)
 
 
-PROMPT_TILE_MIN = 96    # prompts from this length take attend_prompt (64: 0.86x as fast as attend, 128: 1.16x)
+# Prompts from PROMPT_TILE_MIN tokens take attend_prompt (AVX2: 64 tokens 0.86x as fast as
+# attend, 96 1.4x, 512 1.6x; AVX-512: 8 0.7-0.85x, 12 alike, 16 1.1-1.3x, 512 2.1-2.7x).
+PROMPT_TILE_MIN = 16 if AVX512 else 96
+
 
 @njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def attend_prompt(q, kt, v, out):
     """attend() for a prompt: query t attends to positions 0..t of the same row, none
     shared (n_pre = 0). q [T, H, D]; kt [H, D, S] and v [H, S, D], that row's cache (S >= T);
     out [T, H, D]. The same bits as attend() with rows = 0 and n_row = 1..T: every score
-    and every output element the same sum in the same order. Queries go six at a time
-    through register tiles (6 queries x 16 positions for the scores, then 6 queries x 16
-    of D for the mix, over the positions all six attend to, each row's last few after it
-    in order); the last T % 6 queries go as in attend(). Parallel over heads."""
+    and every output element the same sum in the same order. Queries go TILE_ROWS at a
+    time through register tiles (TILE_COLS positions per tile for the scores, then
+    TILE_COLS of D for the mix, over the positions all of the tile's queries attend to,
+    each query's last few after it, in order); the last T % TILE_ROWS queries go as in
+    attend(). Parallel over heads."""
     T, H, D = q.shape
     scale = np.float32(math.sqrt(D))
     Tt = T - T % TILE_ROWS
@@ -431,7 +442,7 @@ def attend_prompt(q, kt, v, out):
         p = np.zeros((T, Tp), np.float32)         # scores, then the softmax numerators
         panel = np.zeros((D, TILE_COLS), np.float32)
         qh, kh, vh, oh = q[:, h], kt[h], v[h], out[:, h]
-        for t0 in range(0, Tp, TILE_COLS):        # positions t0..t0+15, keys copied
+        for t0 in range(0, Tp, TILE_COLS):        # positions t0.., keys copied
             for d in range(D):                    # contiguous (zero past T; unused)
                 for c in range(TILE_COLS):
                     panel[d, c] = kh[d, t0 + c] if t0 + c < T else np.float32(0.0)
@@ -446,7 +457,7 @@ def attend_prompt(q, kt, v, out):
                 s[t] = s[t] / total               # attend's weights, s[t] / total
         oh[:] = 0.0
         for d0 in range(0, D - D % TILE_COLS, TILE_COLS):
-            for b in range(0, Tt, TILE_ROWS):     # positions 0..b: all six queries reach them
+            for b in range(0, Tt, TILE_ROWS):     # positions 0..b: all the tile's queries reach them
                 tile(p, 0, vh[:b + 1, d0:d0 + TILE_COLS], oh, b, d0)
                 for i in range(1, TILE_ROWS):     # then query b+i's own last i, in order
                     o = oh[b + i, d0:d0 + TILE_COLS]
@@ -454,7 +465,7 @@ def attend_prompt(q, kt, v, out):
                         w = p[b + i, t]
                         for c in range(TILE_COLS):
                             o[c] += w * vh[t, d0 + c]
-        for b in range(T):                        # D % 16 columns, and the last T % 6 queries
+        for b in range(T):                        # D % TILE_COLS columns, the last T % TILE_ROWS queries
             dl = D - D % TILE_COLS if b < Tt else 0
             for t in range(b + 1):
                 w = p[b, t]

@@ -200,12 +200,12 @@ print(hashlib.sha256(out.tobytes() + g.tobytes() + a.tobytes()).hexdigest())
 
 @pytest.mark.parametrize("B,K,kb", [(6, 16, 16), (13, 40, 16), (20, 1000, 768), (7, 300, 128)])
 def test_register_tiles_equal_twin_bitwise(B, K, kb):
-    """The register-tile path (k.TILED: targets without AVX-512), compiled here whatever
-    this machine has: 6-row tiles, the B % 6 edge rows, k in blocks of kb. Under
+    """The register-tile path of prefill-sized linears, in this target's tile shape:
+    TILE_ROWS-row tiles, the B % TILE_ROWS edge rows, k in blocks of kb. Under
     NUMBA_DISABLE_JIT=1 this pins the tile's interpreted twin."""
     from numba import njit
 
-    x, w = rand(B, K), rand(K, 40, scale=0.2)
+    x, w = rand(B, K), rand(K, 21 + k.TILE_COLS + 3, scale=0.2)
     acc = np.full((B, k.TILE_COLS), np.nan, np.float32)
     strip = njit(lambda x, w, n0, acc, panel: k._matmul_strip(x, w, n0, acc, panel))
     strip(x, w, 21, acc, np.empty((kb, k.TILE_COLS), np.float32))
@@ -225,19 +225,20 @@ for kern, tw in ((k.linear, t.linear), (k.linear_gelu, t.linear_gelu), (k.linear
     kern(x, w, b, o1, 2)
     tw(x, w, b, o2, 2)
     same.append(bool(np.array_equal(o1, o2)))
-print(k.TILED, all(same))
+print(f"{k.TILE_ROWS}x{k.TILE_COLS}/{k.TILE_VEC}", all(same))
 """
 
 
 @pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="no compile target")
-@pytest.mark.parametrize("features,tiled", [(AVX2_FEATURES, "True"), (AVX2_FEATURES + ",+avx512f", "False")])
-def test_tiles_follow_the_compile_target(tmp_path, features, tiled):
-    """Tiles where Numba compiles without AVX-512 (on any machine: NUMBA_CPU_FEATURES sets
-    the target), and prefill-sized linears equal to their twins either way, bit for bit."""
+@pytest.mark.parametrize("features,shape", [(AVX2_FEATURES, "6x16/8"), (AVX2_FEATURES + ",+avx512f", "4x64/16")])
+def test_tiles_follow_the_compile_target(tmp_path, features, shape):
+    """The tile's shape follows the target Numba compiles for (on any machine:
+    NUMBA_CPU_FEATURES sets it), and prefill-sized linears equal their twins in either
+    shape, bit for bit."""
     env = dict(os.environ, NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(tmp_path))
     r = subprocess.run([sys.executable, "-c", TILED_LINEARS], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.split() == [tiled, "True"]
+    assert r.stdout.split() == [shape, "True"]
 
 
 @pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="no JIT, no cache")
