@@ -206,27 +206,6 @@ def _matmul_strip(x, w, n0, acc, panel):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _matmul_kblocks(x, w, n0, acc):
-    """acc = x @ w[:, n0:n0+W] as _matmul_cols (W = acc's columns, a multiple of
-    TILE_COLS), for a few rows: register tiles that read w in place, k in blocks of
-    DECODE_K, each block swept across the columns so that w streams along its rows
-    (DECODE_K rows at a time; a strip read down its column, as _matmul_strip without its
-    copy, was twice as slow). _matmul_cols for the last B % TILE_ROWS rows. Every element
-    the same sum, k in order."""
-    B, K = x.shape
-    Bt = B - B % TILE_ROWS
-    acc[:Bt] = 0.0
-    for k0 in range(0, K, DECODE_K):
-        block = w[k0:min(K, k0 + DECODE_K)]
-        for j in range(0, acc.shape[1], TILE_COLS):
-            p = block[:, n0 + j:n0 + j + TILE_COLS]
-            for b in range(0, Bt, TILE_ROWS):
-                tile(x, k0, p, acc, b, j)
-    if Bt < B:
-        _matmul_cols(x[Bt:], w, n0, n0 + acc.shape[1], acc[Bt:])
-
-
-@njit(cache=True, error_model="numpy", inline="always")
 def _columns(w, t, T):
     """Task t's output columns [n0, n1) of a linear layer with T columns per task."""
     n0 = t * T
@@ -241,10 +220,6 @@ ROWS = 64
 # Below TILE_MIN_ROWS rows, _matmul_cols (AVX2: 32 rows 1.6x slower tiled, 128 alike, 256
 # faster; AVX-512: 16 rows 1.5x slower, 24 alike, 32 1.2x faster, 128 1.6x).
 TILE_MIN_ROWS = 32 if AVX512 else 192
-# From DECODE_TILE_MIN rows (decode steps of several rows), _matmul_kblocks; AVX-512, a
-# step of 8 rows: 51-54 -> 38-45 ms (blocks of 8 k-steps alike, 32 no faster).
-DECODE_TILE_MIN = TILE_ROWS if AVX512 else TILE_MIN_ROWS
-DECODE_K = 16
 # k-block of the tiles: 768 k-steps of a strip of w are 48 KB (6 x 16; 256 was 10% slower,
 # 384-1024 alike) or 192 KB (4 x 64; 192-768 alike).
 TILE_K = 768
@@ -312,14 +287,6 @@ def _linear(x, w, bias, out, tasks, epilogue):
                     _epilogue(acc[b], bias, out, b, n, epilogue)
                 n += TILE_COLS
             n0 = n                                  # the last N % TILE_COLS columns: as decode
-        elif B >= DECODE_TILE_MIN:                  # a few rows: tiles over k-blocks of w
-            W = (n1 - n0) - (n1 - n0) % TILE_COLS
-            if W > 0:
-                acc = np.empty((B, W), np.float32)
-                _matmul_kblocks(x, w, n0, acc)
-                for b in range(B):
-                    _epilogue(acc[b], bias, out, b, n0, epilogue)
-                n0 += W
         if n0 < n1:                                 # decode: every column, ROWS rows at a time
             acc = np.empty((min(B, ROWS), n1 - n0), np.float32)
             for b0 in range(0, B, ROWS):

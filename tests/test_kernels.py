@@ -212,34 +212,19 @@ def test_register_tiles_equal_twin_bitwise(B, K, kb):
     assert np.array_equal(acc, twin._matmul(x, w[:, 21:21 + k.TILE_COLS]))
 
 
-@pytest.mark.parametrize("B,K", [(4, 16), (7, 40), (9, 70), (13, 768)])
-def test_decode_tiles_equal_twin_bitwise(B, K):
-    """_matmul_kblocks (decode steps of a few rows): tiles reading w in place over k-blocks
-    of DECODE_K (K = 16 one block, 40 and 70 a short last one), the B % TILE_ROWS edge
-    rows through _matmul_cols, columns from an offset."""
-    from numba import njit
-
-    W = 2 * k.TILE_COLS
-    x, w = rand(B, K), rand(K, 5 + W + 3, scale=0.2)
-    acc = np.full((B, W), np.nan, np.float32)
-    njit(lambda x, w, n0, acc: k._matmul_kblocks(x, w, n0, acc))(x, w, 5, acc)
-    assert np.array_equal(acc, twin._matmul(x, w[:, 5:5 + W]))
-
-
 TILED_LINEARS = """
 import numpy as np
 from refcomplete.kernels import gpt2 as k, gpt2_numpy as t
 r = np.random.default_rng(1)
 N = 3 * k.TILE_COLS * 2 + 7                      # two tasks of three strips, and an edge
+x, w, b = (r.standard_normal(s).astype(np.float32) for s in ((k.TILE_MIN_ROWS + 5, 70), (70, N), (N,)))
 same = []
-for B in (k.TILE_MIN_ROWS + 5, k.DECODE_TILE_MIN + 5, 3):   # strips, decode tiles (AVX-512), neither
-    x, w, b = (r.standard_normal(s).astype(np.float32) for s in ((B, 70), (70, N), (N,)))
-    for kern, tw in ((k.linear, t.linear), (k.linear_gelu, t.linear_gelu), (k.linear_residual, t.linear_residual)):
-        o1 = np.ones((len(x), N), np.float32)
-        o2 = o1.copy()
-        kern(x, w, b, o1, 2)
-        tw(x, w, b, o2, 2)
-        same.append(bool(np.array_equal(o1, o2)))
+for kern, tw in ((k.linear, t.linear), (k.linear_gelu, t.linear_gelu), (k.linear_residual, t.linear_residual)):
+    o1 = np.ones((len(x), N), np.float32)
+    o2 = o1.copy()
+    kern(x, w, b, o1, 2)
+    tw(x, w, b, o2, 2)
+    same.append(bool(np.array_equal(o1, o2)))
 print(f"{k.TILE_ROWS}x{k.TILE_COLS}/{k.TILE_VEC}", all(same))
 """
 
