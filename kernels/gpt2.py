@@ -119,8 +119,8 @@ TILE_ROWS, TILE_COLS, TILE_VEC = (4, 64, 16) if AVX512 else (6, 16, 8)
 
 def tile(x, k0, panel, acc, b, j):
     """acc[b:b+R, j:j+C] += x[b:b+R, k0:k0+kb] @ panel (R, C = TILE_ROWS, TILE_COLS), one
-    k at a time in order; panel [kb, C]. Every array's last axis is contiguous (the interpreted twin, for
-    NUMBA_DISABLE_JIT=1; compiled, the intrinsic below)."""
+    k at a time in order; panel [kb, C]. Every array's last axis is contiguous. The
+    interpreted twin, for NUMBA_DISABLE_JIT=1; compiled, the intrinsic below."""
     for i in range(b, b + TILE_ROWS):
         a = acc[i, j:j + TILE_COLS].copy()
         for k in range(panel.shape[0]):
@@ -186,10 +186,9 @@ def _matmul_strip(x, w, n0, acc, panel):
     """acc[:, :C] = x @ w[:, n0:n0+C] (C = TILE_COLS) as _matmul_cols, through register
     tiles of TILE_ROWS rows and _matmul_cols for the last B % TILE_ROWS: every element the
     same sum. k goes in blocks of len(panel); each block of the strip is first copied into
-    `panel` [kb, C], contiguous
-    (read in place, the strip's rows lie N floats apart, a multiple of 4 KB for N = 768
-    or 3072: all in one L1 set, and twice as slow). Each w element is copied
-    once per call, and x is read once per strip."""
+    `panel` [kb, C], contiguous (read in place, the strip's rows lie N floats apart, for
+    N = 3072 a multiple of 4 KB: all in one L1 set, and twice as slow). Each w element is
+    copied once per call, and x is read once per strip."""
     B, K = x.shape
     Bt = B - B % TILE_ROWS
     acc[:Bt] = 0.0
@@ -277,7 +276,7 @@ def _linear(x, w, bias, out, tasks, epilogue):
     T = _cols_per_task(N, tasks)
     for t in prange((N + T - 1) // T):
         n0, n1 = _columns(w, t, T)
-        if B >= TILE_MIN_ROWS:                      # prefill: strips of TILE_COLS, all rows
+        if B >= TILE_MIN_ROWS:                      # many rows (prefill): strips of TILE_COLS
             acc = np.empty((B, TILE_COLS), np.float32)
             panel = np.empty((TILE_K, TILE_COLS), np.float32)
             n = n0
@@ -287,7 +286,7 @@ def _linear(x, w, bias, out, tasks, epilogue):
                     _epilogue(acc[b], bias, out, b, n, epilogue)
                 n += TILE_COLS
             n0 = n                                  # the last N % TILE_COLS columns: as decode
-        if n0 < n1:                                 # decode: every column, ROWS rows at a time
+        if n0 < n1:                                 # few rows (decode): ROWS rows at a time
             acc = np.empty((min(B, ROWS), n1 - n0), np.float32)
             for b0 in range(0, B, ROWS):
                 b1 = min(B, b0 + ROWS)

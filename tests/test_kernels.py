@@ -123,9 +123,9 @@ def test_attend_takes_the_full_exp_where_a_score_is_708_below_the_max():
 @pytest.mark.parametrize("T,H,D,S,scale", [(40, 2, 16, 45, 1.0), (37, 3, 64, 50, 1.0), (64, 2, 24, 64, 1.0),
                                            (6, 1, 16, 6, 1.0), (13, 2, 16, 1024, 1.0), (50, 2, 16, 50, 400.0)])
 def test_attend_prompt_equals_attend_bitwise(T, H, D, S, scale):
-    """A prompt's attention through register tiles: T % 6 edge queries, D % 16 edge
-    columns, a capacity S of 4 KB rows, the NaN entries past T never read, and (scale 400)
-    scores thousands apart, the full exp's path."""
+    """A prompt's attention through register tiles: T % TILE_ROWS edge queries, D %
+    TILE_COLS edge columns, a capacity S of 4 KB rows, the NaN entries past T never read,
+    and (scale 400) scores thousands apart, the full exp's path."""
     q = rand(T, H, D, scale=scale)
     k_row = np.full((1, H, D, S), np.nan, np.float32)
     v_row = np.full((1, H, S, D), np.nan, np.float32)
