@@ -13,12 +13,13 @@ the step. Every reduction runs strictly in order (k = 0, 1, ..., K-1 in the line
 layers and the LM head, d = 0, ..., D-1 in attention scores, positions in order in the
 softmax), with no reassociation and no FMA contraction: the same bits on any CPU and
 from a cold or a warm Numba cache. Vectorisation runs across independent outputs only
-(columns, positions), which is why the LM head takes the embedding matrix transposed
-and attention takes keys transposed.
+(columns, positions), which is why the linear layers and the LM head take their weights
+packed into column panels (pack(); the head's is the embedding matrix transposed) and
+attention takes keys transposed.
 exp is ours (kernels/fmath_numba.exp1, in float64), never libm's. Each kernel's NumPy
 twin, the spec with the same operation order, is in gpt2_numpy.py: the "numpy" backend.
-Parallel loops split only over output columns / vocabulary / (row, head) pairs;
-`tasks` (the linear layers' split, normally numba.get_num_threads()) never changes a value.
+Parallel loops split only over output panels / (row, head) pairs / heads; `tasks` (the
+linear layers' split, normally numba.get_num_threads()) never changes a value.
 """
 
 import math
@@ -45,65 +46,10 @@ require_package_name(__name__)
 
 # ----------------------------------------------------------------------------- helpers
 
-@njit(cache=True, error_model="numpy", inline="always")
-def _cols_per_task(N, tasks):
-    """Split N output columns into `tasks` parallel tasks, in multiples of 16."""
-    per = (N + tasks - 1) // tasks
-    return max(16, (per + 15) // 16 * 16)
-
-
-@njit(cache=True, error_model="numpy", inline="always")
-def _matmul_cols(x, w, n0, n1, acc):
-    """acc[:, :n1-n0] = x @ w[:, n0:n1], summing over k strictly in order k = 0, 1, ...
-
-    Eight k-steps are applied per pass over acc, as ((a + x0*w0) + x1*w1) + ... + x7*w7:
-    the same order as one step at a time, with an eighth of the accumulator loads and
-    stores (measured: 8 steps prefill 512 tokens about 20% faster than 4, 16 no faster
-    than 8); rows go in pairs that share the w loads. The order of each element never
-    depends on B.
-    """
-    B, K = x.shape
-    L = n1 - n0
-    acc[:, :L] = 0.0
-    K8 = K - K % 8
-    for k in range(0, K8, 8):
-        w0, w1, w2, w3 = w[k, n0:n1], w[k + 1, n0:n1], w[k + 2, n0:n1], w[k + 3, n0:n1]
-        w4, w5, w6, w7 = w[k + 4, n0:n1], w[k + 5, n0:n1], w[k + 6, n0:n1], w[k + 7, n0:n1]
-        b = 0
-        while b + 2 <= B:                                   # two rows share each w load
-            x0, x1, x2, x3 = x[b, k], x[b, k + 1], x[b, k + 2], x[b, k + 3]
-            x4, x5, x6, x7 = x[b, k + 4], x[b, k + 5], x[b, k + 6], x[b, k + 7]
-            y0, y1, y2, y3 = x[b + 1, k], x[b + 1, k + 1], x[b + 1, k + 2], x[b + 1, k + 3]
-            y4, y5, y6, y7 = x[b + 1, k + 4], x[b + 1, k + 5], x[b + 1, k + 6], x[b + 1, k + 7]
-            ab = acc[b]
-            ac = acc[b + 1]
-            for j in range(L):
-                a0, a1, a2, a3 = w0[j], w1[j], w2[j], w3[j]
-                a4, a5, a6, a7 = w4[j], w5[j], w6[j], w7[j]
-                ab[j] = (((((((ab[j] + x0 * a0) + x1 * a1) + x2 * a2) + x3 * a3)
-                            + x4 * a4) + x5 * a5) + x6 * a6) + x7 * a7
-                ac[j] = (((((((ac[j] + y0 * a0) + y1 * a1) + y2 * a2) + y3 * a3)
-                            + y4 * a4) + y5 * a5) + y6 * a6) + y7 * a7
-            b += 2
-        if b < B:
-            x0, x1, x2, x3 = x[b, k], x[b, k + 1], x[b, k + 2], x[b, k + 3]
-            x4, x5, x6, x7 = x[b, k + 4], x[b, k + 5], x[b, k + 6], x[b, k + 7]
-            ab = acc[b]
-            for j in range(L):
-                ab[j] = (((((((ab[j] + x0 * w0[j]) + x1 * w1[j]) + x2 * w2[j]) + x3 * w3[j])
-                            + x4 * w4[j]) + x5 * w5[j]) + x6 * w6[j]) + x7 * w7[j]
-    for k in range(K8, K):
-        wk = w[k, n0:n1]
-        for b in range(B):
-            xv = x[b, k]
-            ab = acc[b]
-            for j in range(L):
-                ab[j] += xv * wk[j]
-
-
 # A register tile: TILE_ROWS rows x TILE_COLS columns of accumulators held in vector
-# registers for the whole k loop, where _matmul_cols sends them through memory every 8
-# k-steps. Each element is still ((0 + x0*w0) + x1*w1) + ..., a multiply then an add, k
+# registers for the whole k loop (the linears' former column loop, _matmul_cols, sent them
+# through memory every 8 k-steps). Every linear, decode's single rows included, goes
+# through tiles: of TILE_ROWS rows, then 2, then 1 (the rows' edge). Each element is still ((0 + x0*w0) + x1*w1) + ..., a multiply then an add, k
 # strictly in order: the same bits whatever the tile's shape. Written as LLVM IR
 # (TILE_VEC-float vectors, no fast-math flags, so no FMA contraction): Numba's own loops
 # did not keep the accumulators in registers (docs/benchmarks.md). The shape follows the
@@ -117,111 +63,150 @@ AVX512 = "+avx512f" in (config.CPU_FEATURES if config.CPU_FEATURES is not None e
 TILE_ROWS, TILE_COLS, TILE_VEC = (4, 64, 16) if AVX512 else (6, 16, 8)
 
 
-def tile(x, k0, panel, acc, b, j):
-    """acc[b:b+R, j:j+C] += x[b:b+R, k0:k0+kb] @ panel (R, C = TILE_ROWS, TILE_COLS), one
-    k at a time in order; panel [kb, C]. Every array's last axis is contiguous. The
-    interpreted twin, for NUMBA_DISABLE_JIT=1; compiled, the intrinsic below."""
-    for i in range(b, b + TILE_ROWS):
+def tile(x, k0, panel, acc, b, j, rows):
+    """acc[b:b+rows, j:j+C] += x[b:b+rows, k0:k0+kb] @ panel (C = TILE_COLS), one k at a
+    time in order; panel [kb, C]; rows is TILE_ROWS, 2 or 1. Every array's last axis is
+    contiguous. The interpreted twin, for NUMBA_DISABLE_JIT=1; compiled, the intrinsics
+    below."""
+    for i in range(b, b + rows):
         a = acc[i, j:j + TILE_COLS].copy()
         for k in range(panel.shape[0]):
             a = a + x[i, k0 + k] * panel[k]
         acc[i, j:j + TILE_COLS] = a
 
 
-@intrinsic
-def _tile(typingctx, x, k0, panel, acc, b, j):
-    def codegen(context, builder, signature, args):
-        f32, i64 = ir.FloatType(), ir.IntType(64)
-        vec = ir.VectorType(f32, TILE_VEC)
-        nv = TILE_COLS // TILE_VEC
-        x_, p_, a_ = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3))
-        k0_, b_, j_ = (context.cast(builder, args[i], signature.args[i], types.int64) for i in (1, 4, 5))
-        const = lambda n: ir.Constant(i64, n)
-        in_floats = lambda a: builder.sdiv(builder.extract_value(a.strides, 0), const(4))
-        row = lambda a, i, col: builder.gep(a.data, [builder.add(builder.mul(builder.add(b_, const(i)), in_floats(a)), col)])
-        vptr = lambda p, v: builder.bitcast(builder.gep(p, [const(TILE_VEC * v)]), vec.as_pointer())
-        K = builder.extract_value(p_.shape, 0)
-        pstride = in_floats(p_)
-        xrows = [row(x_, i, k0_) for i in range(TILE_ROWS)]
-        arows = [row(a_, i, j_) for i in range(TILE_ROWS)]
-        start = [builder.load(vptr(arows[i], v), align=4) for i in range(TILE_ROWS) for v in range(nv)]
-        entry = builder.block
-        head, body, done = (builder.append_basic_block(f"tile.{n}") for n in ("head", "body", "done"))
-        builder.branch(head)
-        builder.position_at_end(head)                    # k, and the accumulators, as phis
-        k = builder.phi(i64)
-        k.add_incoming(const(0), entry)
-        accs = [builder.phi(vec) for _ in start]
-        for a, s0 in zip(accs, start):
-            a.add_incoming(s0, entry)
-        builder.cbranch(builder.icmp_signed("<", k, K), body, done)
-        builder.position_at_end(body)                    # acc += x[., k] * panel[k], k in order
-        pk = builder.gep(p_.data, [builder.mul(k, pstride)])
-        wv = [builder.load(vptr(pk, v), align=4) for v in range(nv)]
-        undef, splat = ir.Constant(vec, None), ir.Constant(ir.VectorType(ir.IntType(32), TILE_VEC), [0] * TILE_VEC)
-        new = []
-        for i in range(TILE_ROWS):
-            xs = builder.insert_element(undef, builder.load(builder.gep(xrows[i], [k])), const(0))
-            xb = builder.shuffle_vector(xs, undef, splat)
-            new += [builder.fadd(accs[i * nv + v], builder.fmul(xb, wv[v])) for v in range(nv)]
-        k.add_incoming(builder.add(k, const(1)), body)
-        for a, n in zip(accs, new):
-            a.add_incoming(n, body)
-        builder.branch(head)
-        builder.position_at_end(done)
-        for i in range(TILE_ROWS):
-            for v in range(nv):
-                builder.store(accs[i * nv + v], vptr(arows[i], v), align=4)
-        return context.get_dummy_value()
-    return types.void(x, k0, panel, acc, b, j), codegen
+# Prefetch distance, in floats (2 KB) along the panel: the tiles stream w panel by panel,
+# and the hardware prefetcher alone left a decode step latency-bound (AVX-512 Xeon, a
+# whole batch-1 step, min of 40, three interleaved runs: no prefetch 24.0-24.5 ms, 2 KB
+# 17.5-21.4, 8 KB 20.2-21.0). A prefetch never faults, past an array's end included.
+PREFETCH = 512
+
+
+def _make_tile(R):
+    """The register tile of R rows, compiled: an intrinsic that writes _tile_ir's loop."""
+    @intrinsic
+    def _tile(typingctx, x, k0, panel, acc, b, j):
+        return types.void(x, k0, panel, acc, b, j), lambda ctx, bld, sig, args: _tile_ir(ctx, bld, sig, args, R)
+    return _tile
+
+
+def _tile_ir(context, builder, signature, args, R):
+    """LLVM IR of tile(x, k0, panel, acc, b, j, R): R x TILE_COLS accumulators as phis of
+    TILE_VEC-float vectors across the k loop, a separate fmul and fadd per k (no fast-math
+    flags), each panel row's cache lines prefetched PREFETCH floats ahead."""
+    f32, i64, i32 = ir.FloatType(), ir.IntType(64), ir.IntType(32)
+    vec = ir.VectorType(f32, TILE_VEC)
+    nv = TILE_COLS // TILE_VEC
+    x_, p_, a_ = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3))
+    k0_, b_, j_ = (context.cast(builder, args[i], signature.args[i], types.int64) for i in (1, 4, 5))
+    const = lambda n: ir.Constant(i64, n)
+    in_floats = lambda a: builder.sdiv(builder.extract_value(a.strides, 0), const(4))
+    row = lambda a, i, col: builder.gep(a.data, [builder.add(builder.mul(builder.add(b_, const(i)), in_floats(a)), col)])
+    vptr = lambda p, v: builder.bitcast(builder.gep(p, [const(TILE_VEC * v)]), vec.as_pointer())
+    i8p = ir.IntType(8).as_pointer()
+    prefetch = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
+    K = builder.extract_value(p_.shape, 0)
+    pstride = in_floats(p_)
+    xrows = [row(x_, i, k0_) for i in range(R)]
+    arows = [row(a_, i, j_) for i in range(R)]
+    start = [builder.load(vptr(arows[i], v), align=4) for i in range(R) for v in range(nv)]
+    entry = builder.block
+    head, body, done = (builder.append_basic_block(f"tile.{n}") for n in ("head", "body", "done"))
+    builder.branch(head)
+    builder.position_at_end(head)                    # k, and the accumulators, as phis
+    k = builder.phi(i64)
+    k.add_incoming(const(0), entry)
+    accs = [builder.phi(vec) for _ in start]
+    for a, s0 in zip(accs, start):
+        a.add_incoming(s0, entry)
+    builder.cbranch(builder.icmp_signed("<", k, K), body, done)
+    builder.position_at_end(body)                    # acc += x[., k] * panel[k], k in order
+    pk = builder.gep(p_.data, [builder.mul(k, pstride)])
+    for line in range(0, TILE_COLS, 16):             # read, keep in all cache levels
+        ahead = builder.bitcast(builder.gep(pk, [const(PREFETCH + line)]), i8p)
+        builder.call(prefetch, [ahead, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+    wv = [builder.load(vptr(pk, v), align=4) for v in range(nv)]
+    undef, splat = ir.Constant(vec, None), ir.Constant(ir.VectorType(i32, TILE_VEC), [0] * TILE_VEC)
+    new = []
+    for i in range(R):
+        xs = builder.insert_element(undef, builder.load(builder.gep(xrows[i], [k])), const(0))
+        xb = builder.shuffle_vector(xs, undef, splat)
+        new += [builder.fadd(accs[i * nv + v], builder.fmul(xb, wv[v])) for v in range(nv)]
+    k.add_incoming(builder.add(k, const(1)), body)
+    for a, n in zip(accs, new):
+        a.add_incoming(n, body)
+    builder.branch(head)
+    builder.position_at_end(done)
+    for i in range(R):
+        for v in range(nv):
+            builder.store(accs[i * nv + v], vptr(arows[i], v), align=4)
+    return context.get_dummy_value()
+
+
+_tile_r, _tile_2, _tile_1 = (_make_tile(r) for r in (TILE_ROWS, 2, 1))
 
 
 @overload(tile)
-def _ol_tile(x, k0, panel, acc, b, j):
-    return lambda x, k0, panel, acc, b, j: _tile(x, k0, panel, acc, b, j)
+def _ol_tile(x, k0, panel, acc, b, j, rows):
+    def impl(x, k0, panel, acc, b, j, rows):
+        if rows == TILE_ROWS:
+            _tile_r(x, k0, panel, acc, b, j)
+        elif rows == 2:
+            _tile_2(x, k0, panel, acc, b, j)
+        else:
+            _tile_1(x, k0, panel, acc, b, j)
+    return impl
+
+
+# The linear layers' weights, packed (pack()): [K, N] as ceil(N / TILE_COLS) panels of
+# [K, TILE_COLS], each contiguous, the last zero-padded. A tile then reads its w in one
+# sequential stream, where the [K, N] layout's rows lie N floats apart (for N = 3072 a
+# multiple of 4 KB: one L1 set), and prefill needs no per-call panel copy.
+def packed_shape(K, N):
+    return (-(-N // TILE_COLS), K, TILE_COLS)
+
+
+def pack(w, out=None, n0=0):
+    """w [K, N] (any strides) into column panels: out[n0 // TILE_COLS + p] = w's columns
+    p*TILE_COLS.. (n0 a multiple of TILE_COLS); a new packed array when out is None."""
+    K, N = w.shape
+    if out is None:
+        out = np.zeros(packed_shape(K, N), np.float32)
+    for p in range(-(-N // TILE_COLS)):
+        cols = w[:, p * TILE_COLS:(p + 1) * TILE_COLS]
+        out[n0 // TILE_COLS + p, :, :cols.shape[1]] = cols
+    return out
+
+
+def unpack_columns(wp, cols):
+    """w[:, cols].T, [len(cols), K], from packed weights (the tied embedding's rows)."""
+    cols = np.asarray(cols)
+    return wp[cols // TILE_COLS, :, cols % TILE_COLS]
+
+
+# k-block of the tiles: 32 KB of a panel (128 k-steps of 4 x 64, 512 of 6 x 16), read from
+# L1 by each row tile after the first.
+TILE_K = 8192 // TILE_COLS
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _matmul_strip(x, w, n0, acc, panel):
-    """acc[:, :C] = x @ w[:, n0:n0+C] (C = TILE_COLS) as _matmul_cols, through register
-    tiles of TILE_ROWS rows and _matmul_cols for the last B % TILE_ROWS: every element the
-    same sum. k goes in blocks of len(panel); each block of the strip is first copied into
-    `panel` [kb, C], contiguous (read in place, the strip's rows lie N floats apart, for
-    N = 3072 a multiple of 4 KB: all in one L1 set, and twice as slow). Each w element is
-    copied once per call, and x is read once per strip."""
+def _matmul_panel(x, wp, p, acc):
+    """acc[:B] = x @ panel p of wp, through register tiles: TILE_ROWS rows at a time, then
+    2, then 1; k in blocks of TILE_K, each block's tiles in row order. Every element is
+    (((0 + x0*w0) + x1*w1) + ...), k strictly in order, whatever B."""
     B, K = x.shape
-    Bt = B - B % TILE_ROWS
-    acc[:Bt] = 0.0
-    for k0 in range(0, K, panel.shape[0]):
-        k1 = min(K, k0 + panel.shape[0])
-        p = panel[:k1 - k0]
-        for k in range(k0, k1):
-            for c in range(TILE_COLS):
-                p[k - k0, c] = w[k, n0 + c]
-        for b in range(0, Bt, TILE_ROWS):
-            tile(x, k0, p, acc, b, 0)
-    if Bt < B:
-        _matmul_cols(x[Bt:], w, n0, n0 + TILE_COLS, acc[Bt:])
-
-
-@njit(cache=True, error_model="numpy", inline="always")
-def _columns(w, t, T):
-    """Task t's output columns [n0, n1) of a linear layer with T columns per task."""
-    n0 = t * T
-    return n0, min(w.shape[1], n0 + T)
-
-
-# Accumulators: a scratch of at most ROWS rows per task, reused over row blocks. A scratch
-# for all of a prefill's 512 rows (megabytes) was page-faulted in on every call: 8 of 33 ms
-# of a 768 x 3072 layer (measured); accumulating in the output's own rows instead
-# (strided) was four times slower.
-ROWS = 64
-# Below TILE_MIN_ROWS rows, _matmul_cols (AVX2: 32 rows 1.6x slower tiled, 128 alike, 256
-# faster; AVX-512: 16 rows 1.5x slower, 24 alike, 32 1.2x faster, 128 1.6x).
-TILE_MIN_ROWS = 32 if AVX512 else 192
-# k-block of the tiles: 768 k-steps of a strip of w are 48 KB (6 x 16; 256 was 10% slower,
-# 384-1024 alike) or 192 KB (4 x 64; 192-768 alike).
-TILE_K = 768
+    acc[:B] = 0.0
+    for k0 in range(0, K, TILE_K):
+        blk = wp[p, k0:min(K, k0 + TILE_K)]
+        b = 0
+        while b + TILE_ROWS <= B:
+            tile(x, k0, blk, acc, b, 0, TILE_ROWS)
+            b += TILE_ROWS
+        while b + 2 <= B:
+            tile(x, k0, blk, acc, b, 0, 2)
+            b += 2
+        if b < B:
+            tile(x, k0, blk, acc, b, 0, 1)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -266,33 +251,23 @@ def _gelu_into(a, bias, n0, out):
 
 
 @njit(cache=True, error_model="numpy", parallel=True, nogil=True)
-def _linear(x, w, bias, out, tasks, epilogue):
-    """The three linear layers: x [B, K] @ w [K, N] + bias [N], then per `epilogue` stored
-    into out [B, N] (PLAIN), stored through gelu_new (GELU), or added to out (RESIDUAL).
-    Tasks own output columns; each task accumulates its columns for up to ROWS rows at a
-    time in its own scratch (_matmul_cols), then applies the epilogue row by row."""
+def _linear(x, wp, bias, out, tasks, epilogue):
+    """The three linear layers: x [B, K] @ w [K, N] + bias [N], w packed (pack()), then per
+    `epilogue` stored into out [B, N] (PLAIN), stored through gelu_new (GELU), or added to
+    out (RESIDUAL). `tasks` tasks own a contiguous run of panels each; a task accumulates
+    a panel's TILE_COLS columns for all B rows in its scratch, then applies the epilogue
+    row by row."""
     B = x.shape[0]
-    N = w.shape[1]
-    T = _cols_per_task(N, tasks)
-    for t in prange((N + T - 1) // T):
-        n0, n1 = _columns(w, t, T)
-        if B >= TILE_MIN_ROWS:                      # many rows (prefill): strips of TILE_COLS
-            acc = np.empty((B, TILE_COLS), np.float32)
-            panel = np.empty((TILE_K, TILE_COLS), np.float32)
-            n = n0
-            while n + TILE_COLS <= n1:
-                _matmul_strip(x, w, n, acc, panel)
-                for b in range(B):
-                    _epilogue(acc[b], bias, out, b, n, epilogue)
-                n += TILE_COLS
-            n0 = n                                  # the last N % TILE_COLS columns: as decode
-        if n0 < n1:                                 # few rows (decode): ROWS rows at a time
-            acc = np.empty((min(B, ROWS), n1 - n0), np.float32)
-            for b0 in range(0, B, ROWS):
-                b1 = min(B, b0 + ROWS)
-                _matmul_cols(x[b0:b1], w, n0, n1, acc)
-                for b in range(b0, b1):
-                    _epilogue(acc[b - b0], bias, out, b, n0, epilogue)
+    N = out.shape[1]
+    n_panels = wp.shape[0]
+    per = (n_panels + tasks - 1) // tasks
+    for t in prange((n_panels + per - 1) // per):
+        acc = np.empty((B, TILE_COLS), np.float32)
+        for p in range(t * per, min(n_panels, (t + 1) * per)):
+            _matmul_panel(x, wp, p, acc)
+            n0 = p * TILE_COLS
+            for b in range(B):
+                _epilogue(acc[b, :min(N, n0 + TILE_COLS) - n0], bias, out, b, n0, epilogue)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -310,18 +285,18 @@ def _epilogue(a, bias, out, b, n0, epilogue):
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def linear(x, w, bias, out, tasks):                                # [B, K] @ [K, N] + [N] -> out [B, N]
-    _linear(x, w, bias, out, tasks, PLAIN)
+def linear(x, wp, bias, out, tasks):                               # [B, K] @ [K, N] + [N] -> out [B, N]
+    _linear(x, wp, bias, out, tasks, PLAIN)
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def linear_gelu(x, w, bias, out, tasks):                           # gelu_new([B, K] @ [K, N] + [N])
-    _linear(x, w, bias, out, tasks, GELU)
+def linear_gelu(x, wp, bias, out, tasks):                          # gelu_new([B, K] @ [K, N] + [N])
+    _linear(x, wp, bias, out, tasks, GELU)
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def linear_residual(x, w, bias, resid, tasks):                     # resid [B, N] += [B, K] @ [K, N] + [N]
-    _linear(x, w, bias, resid, tasks, RESIDUAL)
+def linear_residual(x, wp, bias, resid, tasks):                    # resid [B, N] += [B, K] @ [K, N] + [N]
+    _linear(x, wp, bias, resid, tasks, RESIDUAL)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -446,7 +421,7 @@ def attend_prompt(q, kt, v, out):
                 for c in range(TILE_COLS):
                     panel[d, c] = kh[d, t0 + c] if t0 + c < T else np.float32(0.0)
             for b in range(t0 // TILE_ROWS * TILE_ROWS, Tt, TILE_ROWS):
-                tile(qh, 0, panel, p, b, t0)      # the queries that reach t0
+                tile(qh, 0, panel, p, b, t0, TILE_ROWS)  # the queries that reach t0
         for b in range(Tt, T):
             _scores(qh[b], kh, b + 1, p[b])
         for b in range(T):
@@ -457,7 +432,7 @@ def attend_prompt(q, kt, v, out):
         oh[:] = 0.0
         for d0 in range(0, D - D % TILE_COLS, TILE_COLS):
             for b in range(0, Tt, TILE_ROWS):     # positions 0..b: all the tile's queries reach them
-                tile(p, 0, vh[:b + 1, d0:d0 + TILE_COLS], oh, b, d0)
+                tile(p, 0, vh[:b + 1, d0:d0 + TILE_COLS], oh, b, d0, TILE_ROWS)
                 for i in range(1, TILE_ROWS):     # then query b+i's own last i, in order
                     o = oh[b + i, d0:d0 + TILE_COLS]
                     for t in range(b + 1, b + i + 1):
@@ -492,7 +467,7 @@ def blocks(x, w, eps, k_pre, v_pre, n_pre, k_row, v_row, rows, slot, tasks):
     qkv = np.empty((B, 3 * C), np.float32)
     q = np.empty((B, H, D), np.float32)
     a = np.empty((B, H, D), np.float32)
-    f = np.empty((B, fc_w[0].shape[1]), np.float32)
+    f = np.empty((B, fc_b[0].shape[0]), np.float32)
     n_row = slot + 1
     prompt = n_pre == 0 and B >= PROMPT_TILE_MIN        # one row's prompt, from its start
     for i in range(B):

@@ -41,6 +41,22 @@ def _matmul(x, w):                                             # [B, K] @ [K, N]
     return acc
 
 
+def packed_shape(K, N):                                       # gpt2.pack's layout: here [K, N] itself
+    return (K, N)
+
+
+def pack(w, out=None, n0=0):
+    """The spec's linears take w [K, N] as it is: w itself, or copied into out[:, n0:]."""
+    if out is None:
+        return w
+    out[:, n0:n0 + w.shape[1]] = w
+    return out
+
+
+def unpack_columns(w, cols):                                   # w[:, cols].T, [len(cols), K]
+    return w[:, np.asarray(cols)].T
+
+
 def gelu(y):                                                   # float32 [...] -> float32 [...]
     y = y.astype(np.float64)
     u = GELU_C * (y + ((GELU_A * y) * y) * y)

@@ -38,6 +38,8 @@ FORWARD_LOCK = threading.RLock()
 BLOCK_WEIGHTS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
                  "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
                  "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
+# Those of them that are linear layers' weights, which go in the backend's packed layout.
+PACKED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def resolve_backend(backend: str | None) -> str:
@@ -87,18 +89,27 @@ class GPT2Model:
         # Xeon) and every LM head (>= 6M multiply-adds) use all of them. Set per call
         # (numba's setting is per thread). Never changes a value.
         self._wide = checkpoint.config.n_embd >= 512
-        # The LM head is a linear layer over the embedding matrix transposed, [C, V] (a
-        # copy; the mapped [V, C] file pages are released afterwards), so that it sums
-        # over C strictly in order while vectorising across the vocabulary.
-        p = checkpoint.params
-        release_pages(p.lm_head)            # the file pages and the copy are never both resident:
-        self._head_w = np.empty(p.lm_head.shape[::-1], np.float32)      # [C, V]
-        for v0 in range(0, p.lm_head.shape[0], 4096):                    # (huge pages make the
-            block = p.lm_head[v0:v0 + 4096]                              # whole copy resident at
-            self._head_w[:, v0:v0 + len(block)] = block.T                # once) so the file is
-            release_pages(block)                                         # paged in block by block
-        self._head_b = np.zeros(checkpoint.config.n_vocab, np.float32)   # [V]
-        self._block_w = tuple(tuple(blk[name] for blk in p.blocks) for name in BLOCK_WEIGHTS)
+        # The LM head is a linear layer over the embedding matrix transposed, [C, V], so
+        # that it sums over C strictly in order while vectorising across the vocabulary;
+        # with the numba backend every linear's weights are packed into column panels
+        # (kernels.gpt2.pack). Each packed matrix is a copy, and the mapped file pages
+        # behind it are released once it is made: the two are never both resident (the
+        # head goes 4096 entries at a time, since huge pages would make the whole copy
+        # resident at once, so the file is paged in block by block).
+        p, k = checkpoint.params, kernels
+        C, V = p.lm_head.shape[::-1]
+        release_pages(p.lm_head)
+        self._head_w = np.zeros(k.packed_shape(C, V), np.float32)
+        for v0 in range(0, V, 4096):
+            block = p.lm_head[v0:v0 + 4096]
+            k.pack(block.T, self._head_w, v0)
+            release_pages(block)
+        self._head_b = np.zeros(V, np.float32)                           # [V]
+        self._block_w = tuple(tuple(self._pack(blk[name]) if name in PACKED else self._copy(blk[name])
+                                    for blk in p.blocks) for name in BLOCK_WEIGHTS)
+        # The small tensors are copied too (0.5 MB): read in place, each read maps a window
+        # of the file around it (fault-around), 10 MB of released weight pages in all.
+        self._wpe, self._ln_f = self._copy(p.wpe), (self._copy(p.ln_f_weight), self._copy(p.ln_f_bias))
         self.checkpoint = checkpoint
         self.config = checkpoint.config
         self.params = checkpoint.params
@@ -107,6 +118,26 @@ class GPT2Model:
         self.n_ctx = self.config.n_ctx
         self.eot_id = EOT_ID
         self.weights_sha256 = checkpoint.weights_sha256
+
+    def _copy(self, w: np.ndarray) -> np.ndarray:
+        """w in memory of its own, its file pages released (the numpy backend: w itself)."""
+        if self.backend == "numpy":
+            return w
+        copy = np.array(w)
+        release_pages(w)
+        return copy
+
+    def _pack(self, w: np.ndarray) -> np.ndarray:
+        """A linear layer's w [K, N] in the backend's layout: the numpy backend takes w as it
+        is; numba's is packed (a copy, made 256 rows at a time, each block's file pages
+        released once copied, so that at most one block of them is resident beside it)."""
+        if self.backend == "numpy":
+            return w
+        packed = np.zeros(self._k.packed_shape(*w.shape), np.float32)
+        for k0 in range(0, w.shape[0], 256):
+            self._k.pack(w[k0:k0 + 256], packed[:, k0:k0 + 256])
+            release_pages(w[k0:k0 + 256])
+        return packed
 
     @functools.cached_property
     def tokenizer(self):
@@ -126,8 +157,9 @@ class GPT2Model:
         return self.session(ids, rows=1, max_new_tokens=0).prefill(all_positions=True)
 
     def _embed(self, tokens, positions) -> np.ndarray:                # [B] -> [B, C]
-        wte = self._head_w.T if self.params.lm_head is self.params.wte else self.params.wte
-        return wte[tokens] + self.params.wpe[positions]               # tied: the copy, not the file
+        if self.params.lm_head is self.params.wte:                    # tied: the copy, not the file
+            return self._k.unpack_columns(self._head_w, tokens) + self._wpe[positions]
+        return self.params.wte[tokens] + self._wpe[positions]
 
     def _layers(self, x, k_pre, v_pre, n_pre, k_row, v_row, rows, slot) -> np.ndarray:
         """Every block, with the kernels, for B new tokens: x [B, C] (embedded); token i is
@@ -144,17 +176,13 @@ class GPT2Model:
                                   np.asarray(rows, np.int64), np.asarray(slot, np.int64), tasks)
 
     def _head(self, x: np.ndarray) -> np.ndarray:                    # [B, C] -> [B, V]
-        k, p, cfg = self._k, self.params, self.config
+        k, cfg = self._k, self.config
         h = np.empty_like(x)
         out = np.empty((x.shape[0], self.n_vocab), np.float32)
-        # A multiple of the threads (none waits on a last odd task), each task's B x T
-        # accumulators within 512 KB: batch 1 streams the head in 2 tasks at 29.9 GB/s
-        # where 25 tasks of 2048 columns made 27.0 (measured, AVX-512 Xeon). No value changes.
-        per = -(-x.shape[0] * self.n_vocab // (self._threads * 131072))
         with FORWARD_LOCK:
             self._set_threads(self._threads)
-            k.layer_norm(x, p.ln_f_weight, p.ln_f_bias, cfg.layer_norm_epsilon, h)
-            k.linear(h, self._head_w, self._head_b, out, self._threads * per)
+            k.layer_norm(x, *self._ln_f, cfg.layer_norm_epsilon, h)
+            k.linear(h, self._head_w, self._head_b, out, self._threads)
         return out
 
 

@@ -32,11 +32,11 @@ def test_linear_family_equals_twins_bitwise(B, K, N):
     x, w, b, resid = rand(B, K), rand(K, N, scale=0.2), rand(N), rand(B, N)
     for kern, tw in ((k.linear, twin.linear), (k.linear_gelu, twin.linear_gelu)):
         out, ref = np.empty((B, N), np.float32), np.empty((B, N), np.float32)
-        kern(x, w, b, out, 2)
+        kern(x, k.pack(w), b, out, 2)
         tw(x, w, b, ref, 2)
         assert np.array_equal(out, ref), kern
     r1, r2 = resid.copy(), resid.copy()
-    k.linear_residual(x, w, b, r1, 3)
+    k.linear_residual(x, k.pack(w), b, r1, 3)
     twin.linear_residual(x, w, b, r2, 3)
     assert np.array_equal(r1, r2)
     # and the twins are the math: the BLAS forward within float32 rounding
@@ -53,7 +53,7 @@ def test_gelu_at_its_extremes():
     for v in (-1e30, -30.0, -1e-30, 0.0, 1e-30, 30.0, 1e30):
         out, ref = np.empty((1, 1), np.float32), np.empty((1, 1), np.float32)
         w = np.array([[v]], np.float32)
-        k.linear_gelu(x, w, np.zeros(1, np.float32), out, 1)
+        k.linear_gelu(x, k.pack(w), np.zeros(1, np.float32), out, 1)
         twin.linear_gelu(x, w, np.zeros(1, np.float32), ref)
         assert np.array_equal(out, ref) and np.isfinite(out).all()
     assert out[0, 0] == np.float32(1e30)
@@ -156,11 +156,13 @@ def test_blocks_equal_twin_bitwise(B, n_pre, prompt):
     # every entry a token attends to is written in the same layer; the NaN rest is unread
     x = rand(B, C)
     got, ref = [], []
-    for fn, out in ((k.blocks, got), (twin.blocks, ref)):
+    for mod, out in ((k, got), (twin, ref)):
+        fn = mod.blocks
+        wb = tuple(tuple(mod.pack(m) for m in ws) if i in (2, 4, 8, 10) else ws for i, ws in enumerate(w))
         k_row = tuple(np.full((R, H, D, S), np.nan, np.float32) for _ in range(L))
         v_row = tuple(np.full((R, H, S, D), np.nan, np.float32) for _ in range(L))
         xs = x.copy()
-        fn(xs, w, 1e-5, k_pre, v_pre, n_pre, k_row, v_row, rows, slot, 2)
+        fn(xs, wb, 1e-5, k_pre, v_pre, n_pre, k_row, v_row, rows, slot, 2)
         out += [xs, *k_row, *v_row]
     assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(got, ref))
     assert np.isfinite(got[0]).all()
@@ -170,10 +172,10 @@ def test_kernels_are_batch_invariant():
     """A row's result is bitwise the same alone or in any batch (SEMANTICS 4)."""
     x, w, b = rand(6, 64), rand(64, 300, scale=0.2), rand(300)
     full = np.empty((6, 300), np.float32)
-    k.linear(x, w, b, full, 2)
+    k.linear(x, k.pack(w), b, full, 2)
     for i in range(6):
         one = np.empty((1, 300), np.float32)
-        k.linear(x[i:i + 1], w, b, one, 1 + i % 3)  # the task split never changes a value
+        k.linear(x[i:i + 1], k.pack(w), b, one, 1 + i % 3)  # the task split never changes a value
         assert np.array_equal(one[0], full[i])
     q, k_pre, v_pre, P, k_row, v_row, rows, n_row = attention_case()
     out = np.empty_like(q)
@@ -190,39 +192,57 @@ import numpy as np
 import test_kernels as t
 from refcomplete.kernels import gpt2 as k
 x, w, b = t.rand(5, 64), t.rand(64, 300, scale=0.2), t.rand(300)
-out = np.empty((5, 300), np.float32); k.linear(x, w, b, out, 2)
-g = np.empty((5, 300), np.float32); k.linear_gelu(x, w, b, g, 2)
+out = np.empty((5, 300), np.float32); k.linear(x, k.pack(w), b, out, 2)
+g = np.empty((5, 300), np.float32); k.linear_gelu(x, k.pack(w), b, g, 2)
 args = t.attention_case(B=3, H=4, D=64, P=300, R=4, S=40)
 a = np.empty_like(args[0]); k.attend(*args, a)
 print(hashlib.sha256(out.tobytes() + g.tobytes() + a.tobytes()).hexdigest())
 """
 
 
-@pytest.mark.parametrize("B,K,kb", [(6, 16, 16), (13, 40, 16), (20, 1000, 768), (7, 300, 128)])
-def test_register_tiles_equal_twin_bitwise(B, K, kb):
-    """The register-tile path of prefill-sized linears, in this target's tile shape:
-    TILE_ROWS-row tiles, the B % TILE_ROWS edge rows, k in blocks of kb. Under
-    NUMBA_DISABLE_JIT=1 this pins the tile's interpreted twin."""
+@pytest.mark.parametrize("B", [1, 2, 3, k.TILE_ROWS, k.TILE_ROWS + 3, 2 * k.TILE_ROWS + 1, 33])
+@pytest.mark.parametrize("K", [16, 300, 2 * k.TILE_K + 5])
+def test_register_tiles_equal_twin_bitwise(B, K):
+    """One panel through the register tiles, in this target's tile shape: TILE_ROWS-row
+    tiles, then tiles of 2 and 1 rows for the B % TILE_ROWS edge, k in blocks of TILE_K
+    (K one block, several, and a partial last one). Under NUMBA_DISABLE_JIT=1 this pins
+    the tile's interpreted twin."""
     from numba import njit
 
-    x, w = rand(B, K), rand(K, 21 + k.TILE_COLS + 3, scale=0.2)
-    acc = np.full((B, k.TILE_COLS), np.nan, np.float32)
-    strip = njit(lambda x, w, n0, acc, panel: k._matmul_strip(x, w, n0, acc, panel))
-    strip(x, w, 21, acc, np.empty((kb, k.TILE_COLS), np.float32))
-    assert np.array_equal(acc, twin._matmul(x, w[:, 21:21 + k.TILE_COLS]))
+    x, w = rand(B, K), rand(K, 2 * k.TILE_COLS + 3, scale=0.2)
+    acc = np.full((B + 1, k.TILE_COLS), np.nan, np.float32)            # row B: never written
+    panel = njit(lambda x, wp, p, acc: k._matmul_panel(x, wp, p, acc))
+    panel(x, k.pack(w), 1, acc)
+    assert np.array_equal(acc[:B], twin._matmul(x, w[:, k.TILE_COLS:2 * k.TILE_COLS]))
+    assert np.isnan(acc[B]).all()
+
+
+@pytest.mark.parametrize("K,N", [(5, 1), (7, 16), (3, 65), (768, 2304)])
+def test_pack_keeps_every_weight_and_pads_with_zeros(K, N):
+    w = rand(K, N)
+    wp = k.pack(w)
+    assert wp.shape == k.packed_shape(K, N) == (-(-N // k.TILE_COLS), K, k.TILE_COLS)
+    assert np.array_equal(wp.transpose(1, 0, 2).reshape(K, -1)[:, :N], w)
+    assert not wp.transpose(1, 0, 2).reshape(K, -1)[:, N:].any()
+    cols = np.array([0, N - 1, N // 2])
+    assert np.array_equal(k.unpack_columns(wp, cols), w[:, cols].T)
+    assert np.array_equal(twin.unpack_columns(twin.pack(w), cols), w[:, cols].T)
+    into = np.zeros(k.packed_shape(K, N + 2 * k.TILE_COLS), np.float32)   # pack(out=, n0=): the head's way
+    k.pack(w, into, 2 * k.TILE_COLS)
+    assert np.array_equal(k.unpack_columns(into, cols + 2 * k.TILE_COLS), w[:, cols].T)
 
 
 TILED_LINEARS = """
 import numpy as np
 from refcomplete.kernels import gpt2 as k, gpt2_numpy as t
 r = np.random.default_rng(1)
-N = 3 * k.TILE_COLS * 2 + 7                      # two tasks of three strips, and an edge
-x, w, b = (r.standard_normal(s).astype(np.float32) for s in ((k.TILE_MIN_ROWS + 5, 70), (70, N), (N,)))
+N = 3 * k.TILE_COLS * 2 + 7                      # two tasks of three panels and a partial one
+x, w, b = (r.standard_normal(s).astype(np.float32) for s in ((2 * k.TILE_ROWS + 3, 70), (70, N), (N,)))
 same = []
 for kern, tw in ((k.linear, t.linear), (k.linear_gelu, t.linear_gelu), (k.linear_residual, t.linear_residual)):
     o1 = np.ones((len(x), N), np.float32)
     o2 = o1.copy()
-    kern(x, w, b, o1, 2)
+    kern(x, k.pack(w), b, o1, 2)
     tw(x, w, b, o2, 2)
     same.append(bool(np.array_equal(o1, o2)))
 print(f"{k.TILE_ROWS}x{k.TILE_COLS}/{k.TILE_VEC}", all(same))
