@@ -75,8 +75,8 @@ def tile(x, k0, panel, acc, b, j, rows):
         acc[i, j:j + TILE_COLS] = a
 
 
-# Prefetch: each panel row's cache lines are prefetched into L2 one k-block (TILE_K rows,
-# 32 KB) ahead, so that w streams in while a block's later row tiles compute from L1. The
+# Prefetch: each panel row's cache lines are prefetched into L2 PREFETCH floats (32 KB)
+# ahead, so that w streams in while a k-block's later row tiles compute from L1. The
 # hardware prefetcher alone left a decode step latency-bound (AVX-512 Xeon, whole steps,
 # min of 40-50, interleaved runs; 1 row / 8 rows): none 24.0-24.5 ms / -, 2 KB ahead into
 # L1 19.7-26.4 / 37.4-45.4, 32 KB into L1 27.4-27.9 / 44.3-46.7, 32 KB into L2 18.5-22.5 /
@@ -94,7 +94,7 @@ def _make_tile(R):
 def _tile_ir(context, builder, signature, args, R):
     """LLVM IR of tile(x, k0, panel, acc, b, j, R): R x TILE_COLS accumulators as phis of
     TILE_VEC-float vectors across the k loop, a separate fmul and fadd per k (no fast-math
-    flags), each panel row's cache lines prefetched one k-block ahead."""
+    flags), each panel row's cache lines prefetched PREFETCH floats ahead."""
     f32, i64, i32 = ir.FloatType(), ir.IntType(64), ir.IntType(32)
     vec = ir.VectorType(f32, TILE_VEC)
     nv = TILE_COLS // TILE_VEC
@@ -123,8 +123,8 @@ def _tile_ir(context, builder, signature, args, R):
     builder.cbranch(builder.icmp_signed("<", k, K), body, done)
     builder.position_at_end(body)                    # acc += x[., k] * panel[k], k in order
     pk = builder.gep(p_.data, [builder.mul(k, pstride)])
-    for line in range(0, TILE_COLS, 16):             # read, into L2 (locality 2), one k-block ahead
-        ahead = builder.bitcast(builder.gep(pk, [const(TILE_K * TILE_COLS + line)]), i8p)
+    for line in range(0, TILE_COLS, 16):             # read, into L2 (locality 2), 32 KB ahead
+        ahead = builder.bitcast(builder.gep(pk, [const(PREFETCH + line)]), i8p)
         builder.call(prefetch, [ahead, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
     wv = [builder.load(vptr(pk, v), align=4) for v in range(nv)]
     undef, splat = ir.Constant(vec, None), ir.Constant(ir.VectorType(i32, TILE_VEC), [0] * TILE_VEC)
@@ -185,9 +185,11 @@ def unpack_columns(wp, cols):
     return wp[cols // TILE_COLS, :, cols % TILE_COLS]
 
 
-# k-block of the tiles: 32 KB of a panel (128 k-steps of 4 x 64, 512 of 6 x 16), read from
-# L1 by each row tile after the first.
-TILE_K = 8192 // TILE_COLS
+# k-block of the tiles, read from L1 by each row tile after the first: 64 k-steps of 4 x 64
+# (16 KB; 16 rows' linears 26-29 ms against 32-35 with 128, 12 layers' four, four
+# interleaved rounds; 8 rows and 128 alike), 512 of 6 x 16 (32 KB).
+TILE_K = 64 if AVX512 else 512
+PREFETCH = 8192                  # floats: 32 KB ahead, in L2
 
 
 @njit(cache=True, error_model="numpy", inline="always")
