@@ -238,14 +238,12 @@ def _await_ready(n: int, fd: int, pids: list, stopping: list) -> int | None:
         if pid:
             code = os.waitstatus_to_exitcode(status)
             pids.remove(pid)
-            _signal_all(pids, signal.SIGTERM)
-            _reap(pids)
+            _stop_all(pids)
             return code if code > 0 else 1
         if time.monotonic() > deadline:
             print(f"refcomplete serve: the workers were not ready after {READY_TIMEOUT:g} s",
                   file=sys.stderr)
-            _signal_all(pids, signal.SIGTERM)
-            _reap(pids)
+            _stop_all(pids)
             return 1
         time.sleep(0.05)
     return None
@@ -269,6 +267,12 @@ def _supervise(pids: list, stopping: list, say) -> int:
         elif first is None and code > 0:
             first = code
     return first or 0
+
+
+def _stop_all(pids: list) -> int:
+    """SIGTERM every worker in pids, then wait for them all (_reap's status)."""
+    _signal_all(pids, signal.SIGTERM)
+    return _reap(pids)
 
 
 def _reap(pids: list) -> int:
