@@ -63,11 +63,12 @@ AVX512 = "+avx512f" in (config.CPU_FEATURES if config.CPU_FEATURES is not None e
 TILE_ROWS, TILE_COLS, TILE_VEC = (4, 64, 16) if AVX512 else (6, 16, 8)
 
 
-def tile(x, k0, panel, acc, b, j, rows):
+def tile(x, k0, panel, acc, b, j, rows, turn, turns):
     """acc[b:b+rows, j:j+C] += x[b:b+rows, k0:k0+kb] @ panel (C = TILE_COLS), one k at a
     time in order; panel [kb, C]; rows is TILE_ROWS, 2 or 1. Every array's last axis is
-    contiguous. The interpreted twin, for NUMBA_DISABLE_JIT=1; compiled, the intrinsics
-    below."""
+    contiguous. Compiled, it prefetches the panel rows k with k % turns == turn (the
+    tiles that share a k-block take turns). The interpreted twin, for NUMBA_DISABLE_JIT=1;
+    compiled, the intrinsics below."""
     for i in range(b, b + rows):
         a = acc[i, j:j + TILE_COLS].copy()
         for k in range(panel.shape[0]):
@@ -80,14 +81,18 @@ def tile(x, k0, panel, acc, b, j, rows):
 # hardware prefetcher alone left a decode step latency-bound (AVX-512 Xeon, whole steps,
 # min of 40-50, interleaved runs; 1 row / 8 rows): none 24.0-24.5 ms / -, 2 KB ahead into
 # L1 19.7-26.4 / 37.4-45.4, 32 KB into L1 27.4-27.9 / 44.3-46.7, 32 KB into L2 18.5-22.5 /
-# 32.4-37.8. A prefetch never faults, past an array's end included.
+# 32.4-37.8. The row tiles of a k-block take turns (a tile prefetches the rows k with
+# k % tiles == its index; else its own row, already wanted): when the first tile issued
+# them all, it stalled on full miss buffers and memory idled while the others computed
+# (8 rows, min / median of 50 steps, three interleaved runs: 35.0-36.6 / 38.6-40.8 ->
+# 31.5-33.2 / 34.1-37.3 ms). A prefetch never faults, past an array's end included.
 
 
 def _make_tile(R):
     """The register tile of R rows, compiled: an intrinsic that writes _tile_ir's loop."""
     @intrinsic
-    def _tile(typingctx, x, k0, panel, acc, b, j):
-        return types.void(x, k0, panel, acc, b, j), lambda ctx, bld, sig, args: _tile_ir(ctx, bld, sig, args, R)
+    def _tile(typingctx, x, k0, panel, acc, b, j, turn, turns):
+        return types.void(x, k0, panel, acc, b, j, turn, turns), lambda ctx, bld, sig, args: _tile_ir(ctx, bld, sig, args, R)
     return _tile
 
 
@@ -99,7 +104,7 @@ def _tile_ir(context, builder, signature, args, R):
     vec = ir.VectorType(f32, TILE_VEC)
     nv = TILE_COLS // TILE_VEC
     x_, p_, a_ = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3))
-    k0_, b_, j_ = (context.cast(builder, args[i], signature.args[i], types.int64) for i in (1, 4, 5))
+    k0_, b_, j_, turn_, turns_ = (context.cast(builder, args[i], signature.args[i], types.int64) for i in (1, 4, 5, 6, 7))
     const = lambda n: ir.Constant(i64, n)
     in_floats = lambda a: builder.sdiv(builder.extract_value(a.strides, 0), const(4))
     row = lambda a, i, col: builder.gep(a.data, [builder.add(builder.mul(builder.add(b_, const(i)), in_floats(a)), col)])
@@ -117,14 +122,17 @@ def _tile_ir(context, builder, signature, args, R):
     builder.position_at_end(head)                    # k, and the accumulators, as phis
     k = builder.phi(i64)
     k.add_incoming(const(0), entry)
+    turn = builder.phi(i64)                          # k % turns
+    turn.add_incoming(const(0), entry)
     accs = [builder.phi(vec) for _ in start]
     for a, s0 in zip(accs, start):
         a.add_incoming(s0, entry)
     builder.cbranch(builder.icmp_signed("<", k, K), body, done)
     builder.position_at_end(body)                    # acc += x[., k] * panel[k], k in order
     pk = builder.gep(p_.data, [builder.mul(k, pstride)])
-    for line in range(0, TILE_COLS, 16):             # read, into L2 (locality 2), 32 KB ahead
-        ahead = builder.bitcast(builder.gep(pk, [const(PREFETCH + line)]), i8p)
+    mine = builder.icmp_signed("==", turn, turn_)    # this tile's turn: 32 KB ahead; else its own row
+    for line in range(0, TILE_COLS, 16):             # read, into L2 (locality 2)
+        ahead = builder.bitcast(builder.gep(pk, [builder.select(mine, const(PREFETCH + line), const(line))]), i8p)
         builder.call(prefetch, [ahead, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
     wv = [builder.load(vptr(pk, v), align=4) for v in range(nv)]
     undef, splat = ir.Constant(vec, None), ir.Constant(ir.VectorType(i32, TILE_VEC), [0] * TILE_VEC)
@@ -134,6 +142,8 @@ def _tile_ir(context, builder, signature, args, R):
         xb = builder.shuffle_vector(xs, undef, splat)
         new += [builder.fadd(accs[i * nv + v], builder.fmul(xb, wv[v])) for v in range(nv)]
     k.add_incoming(builder.add(k, const(1)), body)
+    t1 = builder.add(turn, const(1))
+    turn.add_incoming(builder.select(builder.icmp_signed("==", t1, turns_), const(0), t1), body)
     for a, n in zip(accs, new):
         a.add_incoming(n, body)
     builder.branch(head)
@@ -148,14 +158,14 @@ _tile_r, _tile_2, _tile_1 = (_make_tile(r) for r in (TILE_ROWS, 2, 1))
 
 
 @overload(tile)
-def _ol_tile(x, k0, panel, acc, b, j, rows):
-    def impl(x, k0, panel, acc, b, j, rows):
+def _ol_tile(x, k0, panel, acc, b, j, rows, turn, turns):
+    def impl(x, k0, panel, acc, b, j, rows, turn, turns):
         if rows == TILE_ROWS:
-            _tile_r(x, k0, panel, acc, b, j)
+            _tile_r(x, k0, panel, acc, b, j, turn, turns)
         elif rows == 2:
-            _tile_2(x, k0, panel, acc, b, j)
+            _tile_2(x, k0, panel, acc, b, j, turn, turns)
         else:
-            _tile_1(x, k0, panel, acc, b, j)
+            _tile_1(x, k0, panel, acc, b, j, turn, turns)
     return impl
 
 
@@ -199,17 +209,19 @@ def _matmul_panel(x, wp, p, acc):
     (((0 + x0*w0) + x1*w1) + ...), k strictly in order, whatever B."""
     B, K = x.shape
     acc[:B] = 0.0
+    edge = B % TILE_ROWS
+    tiles = B // TILE_ROWS + edge // 2 + edge % 2   # per k-block, taking turns to prefetch
     for k0 in range(0, K, TILE_K):
         blk = wp[p, k0:min(K, k0 + TILE_K)]
-        b = 0
+        b = i = 0
         while b + TILE_ROWS <= B:
-            tile(x, k0, blk, acc, b, 0, TILE_ROWS)
-            b += TILE_ROWS
+            tile(x, k0, blk, acc, b, 0, TILE_ROWS, i, tiles)
+            b, i = b + TILE_ROWS, i + 1
         while b + 2 <= B:
-            tile(x, k0, blk, acc, b, 0, 2)
-            b += 2
+            tile(x, k0, blk, acc, b, 0, 2, i, tiles)
+            b, i = b + 2, i + 1
         if b < B:
-            tile(x, k0, blk, acc, b, 0, 1)
+            tile(x, k0, blk, acc, b, 0, 1, i, tiles)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -424,7 +436,7 @@ def attend_prompt(q, kt, v, out):
                 for c in range(TILE_COLS):
                     panel[d, c] = kh[d, t0 + c] if t0 + c < T else np.float32(0.0)
             for b in range(t0 // TILE_ROWS * TILE_ROWS, Tt, TILE_ROWS):
-                tile(qh, 0, panel, p, b, t0, TILE_ROWS)  # the queries that reach t0
+                tile(qh, 0, panel, p, b, t0, TILE_ROWS, 0, 1)  # the queries that reach t0
         for b in range(Tt, T):
             _scores(qh[b], kh, b + 1, p[b])
         for b in range(T):
@@ -435,7 +447,7 @@ def attend_prompt(q, kt, v, out):
         oh[:] = 0.0
         for d0 in range(0, D - D % TILE_COLS, TILE_COLS):
             for b in range(0, Tt, TILE_ROWS):     # positions 0..b: all the tile's queries reach them
-                tile(p, 0, vh[:b + 1, d0:d0 + TILE_COLS], oh, b, d0, TILE_ROWS)
+                tile(p, 0, vh[:b + 1, d0:d0 + TILE_COLS], oh, b, d0, TILE_ROWS, 0, 1)
                 for i in range(1, TILE_ROWS):     # then query b+i's own last i, in order
                     o = oh[b + i, d0:d0 + TILE_COLS]
                     for t in range(b + 1, b + i + 1):
