@@ -49,8 +49,9 @@ require_package_name(__name__)
 # A register tile: TILE_ROWS rows x TILE_COLS columns of accumulators held in vector
 # registers for the whole k loop (the linears' former column loop, _matmul_cols, sent them
 # through memory every 8 k-steps). Every linear, decode's single rows included, goes
-# through tiles: of TILE_ROWS rows, then 2, then 1 (the rows' edge). Each element is still ((0 + x0*w0) + x1*w1) + ..., a multiply then an add, k
-# strictly in order: the same bits whatever the tile's shape. Written as LLVM IR
+# through tiles: of TILE_ROWS rows, then 2, then 1 (the rows' edge). Each element is
+# still ((0 + x0*w0) + x1*w1) + ..., a multiply then an add, k strictly in order: the
+# same bits whatever the tile's shape. Written as LLVM IR
 # (TILE_VEC-float vectors, no fast-math flags, so no FMA contraction): Numba's own loops
 # did not keep the accumulators in registers (docs/benchmarks.md). The shape follows the
 # compile target: AVX2's 16 vector registers hold 6 x 16 (12 of 8 floats); AVX-512's 32
@@ -86,6 +87,7 @@ def tile(x, k0, panel, acc, b, j, rows, turn, turns):
 # them all, it stalled on full miss buffers and memory idled while the others computed
 # (8 rows, min / median of 50 steps, three interleaved runs: 35.0-36.6 / 38.6-40.8 ->
 # 31.5-33.2 / 34.1-37.3 ms). A prefetch never faults, past an array's end included.
+PREFETCH = 8192                  # floats: 32 KB ahead, in L2
 
 
 def _make_tile(R):
@@ -97,9 +99,10 @@ def _make_tile(R):
 
 
 def _tile_ir(context, builder, signature, args, R):
-    """LLVM IR of tile(x, k0, panel, acc, b, j, R): R x TILE_COLS accumulators as phis of
-    TILE_VEC-float vectors across the k loop, a separate fmul and fadd per k (no fast-math
-    flags), each panel row's cache lines prefetched PREFETCH floats ahead."""
+    """LLVM IR of tile(x, k0, panel, acc, b, j, R, turn, turns): R x TILE_COLS accumulators
+    as phis of TILE_VEC-float vectors across the k loop, a separate fmul and fadd per k (no
+    fast-math flags); on its turns (k % turns == turn) a panel row's cache lines are
+    prefetched PREFETCH floats ahead."""
     f32, i64, i32 = ir.FloatType(), ir.IntType(64), ir.IntType(32)
     vec = ir.VectorType(f32, TILE_VEC)
     nv = TILE_COLS // TILE_VEC
@@ -199,7 +202,6 @@ def unpack_columns(wp, cols):
 # (16 KB; 16 rows' linears 26-29 ms against 32-35 with 128, 12 layers' four, four
 # interleaved rounds; 8 rows and 128 alike), 512 of 6 x 16 (32 KB).
 TILE_K = 64 if AVX512 else 512
-PREFETCH = 8192                  # floats: 32 KB ahead, in L2
 
 
 @njit(cache=True, error_model="numpy", inline="always")
