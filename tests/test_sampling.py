@@ -160,3 +160,62 @@ def test_select_blocked_falls_back_exactly_at_boundaries():
     for k in (0, 1, 255, 256, 4095, 8191):
         for u in (k / 8192, np.nextafter(k / 8192, 0), np.nextafter(k / 8192, 1)):
             assert S.select(p, u) == S.select_reference(p, u)
+
+
+def _nucleus_by_sorting(pc, top_p):
+    """(n_keep, last) as the spec computes them: the full descending sort and its cumsum."""
+    vals = np.sort(pc)[::-1]
+    cum = np.cumsum(vals)
+    n_keep = max(1, int(top_p > 0) + int(np.searchsorted(cum[:-1], top_p, side="left")))
+    return n_keep, vals[n_keep - 1]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.floats(0.01, 0.999), st.floats(0.2, 4))
+def test_nucleus_by_buckets_decides_as_the_full_sort(seed, top_p, scale):
+    p = S.softmax(np.random.default_rng(seed).standard_normal(50257) * scale)
+    got = S._nucleus_by_buckets(p, top_p)
+    if got is not None:                                # None: too close to call, caller sorts
+        assert got == _nucleus_by_sorting(p, top_p)
+
+
+def test_nucleus_by_buckets_decides_typical_distributions():
+    rng = np.random.default_rng(0)
+    decided = [S._nucleus_by_buckets(S.softmax(rng.standard_normal(50257) * s), tp)
+               for s in (0.5, 1, 2) for tp in (0.3, 0.9, 0.99)]
+    assert all(d is not None for d in decided)        # the fast path is the one taken
+
+
+def test_nucleus_by_buckets_refuses_a_crossing_within_rounding():
+    p = np.full(8192, 1 / 8192)                       # prefix sums land exactly on k / 8192
+    for k in (1, 100, 4096, 8191):
+        assert S._nucleus_by_buckets(p, k / 8192) is None
+        for top_p in (k / 8192, np.nextafter(k / 8192, 0), np.nextafter(k / 8192, 1)):
+            assert np.array_equal(S.top_p(p, state(top_p=top_p)), S.top_p_reference(p, top_p))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.floats(0, 1))
+def test_top_p_large_support_with_ties_equals_reference(seed, top_p):
+    w = np.random.default_rng(seed).integers(1, 7, 5000).astype(np.float64)   # many ties
+    p = w / w.sum()
+    assert np.array_equal(S.top_p(p, state(top_p=top_p)), S.top_p_reference(p, top_p))
+
+
+def test_top_p_wide_range_uses_the_lowest_bucket():
+    z = np.random.default_rng(1).standard_normal(50257) * 60   # values over ~800 binades
+    p = S.softmax(z)
+    for top_p in (0.5, 0.999999, 1 - 1e-15):
+        assert np.array_equal(S.top_p(p, state(top_p=top_p)), S.top_p_reference(p, top_p))
+
+
+@pytest.mark.parametrize("scale", [0.5, 2])
+def test_top_p_at_the_specs_own_prefix_sums_equals_reference(scale):
+    # top_p on (and one ulp either side of) the sorted cumulative sums the spec takes: the
+    # bucket estimate, summed in another order, must refuse rather than decide these
+    p = S.softmax(np.random.default_rng(3).standard_normal(50257) * scale)
+    cum = np.cumsum(np.sort(p)[::-1])
+    for i in np.linspace(0, 50000, 41).astype(int):
+        for top_p in (cum[i], np.nextafter(cum[i], 0), np.nextafter(cum[i], 1)):
+            if top_p < 1:
+                assert np.array_equal(S.top_p(p, state(top_p=top_p)), S.top_p_reference(p, top_p))
