@@ -26,8 +26,11 @@ bits either; its keys and values are then copied to the session's other slots.
 tests/test_batching.py pins all of this bit for bit.
 
 Threads (flat combining). A request thread queues its job; if no thread is running a
-round, it runs the next one itself, for everyone, else it waits. So one client's forward
-runs in its own thread (no hand-off), and with many clients one of them runs the batch.
+round, it runs rounds itself, for everyone, until its job is done, else it waits on its own
+job. So one client's forward runs in its own thread (no hand-off), and with many clients
+one of them runs the batch; a leader whose job is done hands the lead to the thread of a
+job still queued, waking that thread alone. (When every waiter slept on one condition,
+each queued job woke all 32 of them: 867 -> 1,044 tok/s for 32 in-process clients.)
 Before a batched forward the round waits until every session that may still step has
 queued its prefill or step, or no job has been queued for `gap` seconds, or `window`
 seconds have passed. A session may still step until its rows have had capacity - 1 steps
@@ -83,7 +86,7 @@ class _Job:
     with `fn` runs alone; a "prefill" or "step" job joins the next batched forward."""
 
     __slots__ = ("fn", "args", "kind", "prompt", "slots", "tokens", "all_positions",
-                 "ticket", "last", "done", "value", "error")
+                 "ticket", "last", "done", "wake", "lead", "value", "error")
 
     def __init__(self, fn=None, args=(), kind=None, prompt=None, slots=None, tokens=None,
                  all_positions=False, ticket=None, last=False):
@@ -91,6 +94,8 @@ class _Job:
         self.prompt, self.slots, self.tokens, self.all_positions = prompt, slots, tokens, all_positions
         self.ticket, self.last = ticket, last     # the session's _Ticket; no step after this
         self.done = threading.Event()
+        self.wake = threading.Event()            # set when done, or when handed the lead
+        self.lead = False                        # its thread runs the rounds
         self.value = self.error = None
 
     def wait(self):
@@ -102,6 +107,7 @@ class _Job:
     def finish(self, value=None, error=None) -> None:
         self.value, self.error = value, error
         self.done.set()
+        self.wake.set()
 
 
 class _Ticket:
@@ -213,27 +219,34 @@ class BatchingModel:
     # -- request threads --------------------------------------------------------------------
 
     def _submit(self, job: _Job, alone: bool):
-        """Queue the job; until it is done, either wait or, when no thread is running a
-        round, run the next round (this thread's forward, for everyone)."""
+        """Queue the job; wait on it, or, when no thread is running rounds (or this one is
+        handed the lead), run them until it is done (the module docstring's Threads)."""
         with self._cond:
             (self._calls if alone else self._work).append(job)
-            self._cond.notify_all()
-            while not job.done.is_set():
-                if self._leader:
-                    self._cond.wait()
-                    continue
-                self._leader = True
-                try:
-                    call, batch = self._next_round()
-                    self._cond.release()
-                    try:
-                        self._run_call(call) if call is not None else self._batched(batch)
-                    finally:
-                        self._cond.acquire()
-                finally:
-                    self._leader = False
-                    self._cond.notify_all()
+            self._cond.notify_all()              # a round waiting for this session's job
+            lead = job.lead = not self._leader
+            self._leader = True
+        if not lead:
+            job.wake.wait()                      # done, or handed the lead
+        if job.lead:
+            self._lead(job)
         return job.wait()
+
+    def _lead(self, job: _Job) -> None:
+        """Run rounds until `job` is done; then pass the lead to a queued job's thread, or
+        leave it free."""
+        try:
+            while not job.done.is_set():
+                with self._cond:
+                    call, batch = self._next_round()
+                self._run_call(call) if call is not None else self._batched(batch)
+        finally:
+            with self._cond:
+                heir = self._calls[0] if self._calls else self._work[0] if self._work else None
+                self._leader = heir is not None
+                if heir is not None:
+                    heir.lead = True
+                    heir.wake.set()
 
     def _call(self, fn, *args):
         """Run fn(*args) in a round of its own (not batched); return its result."""

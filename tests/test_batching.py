@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import random
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -148,6 +149,41 @@ def test_errors_come_back_and_batching_goes_on(model):
     with pytest.raises(IndexError):
         batched._step(np.array([0]), np.array([10 ** 9]))      # a bad token id, in the thread
     assert np.array_equal(batched.logits([1, 2, 3]), model.logits([1, 2, 3]))
+
+
+def test_the_lead_passes_between_threads_through_errors(model):
+    # 16 threads at once, some of whose steps and calls fail: every thread gets its own
+    # answer or error (none hangs), and the lead ends free with nothing left queued
+    batched = BatchingModel(model, max_rows=32, window=0.002)
+    results = {}
+
+    def boom():
+        raise KeyError("in a call")
+
+    def run(i):
+        try:
+            sess = batched.session([1 + i, 2], rows=1, max_new_tokens=6)
+            sess.prefill()
+            for k in range(4):
+                if i % 5 == 1 and k == 2:
+                    batched._step(sess.slots, np.array([10 ** 9]))   # fails in the forward
+                if i % 5 == 2 and k == 1:
+                    batched._call(boom)
+                sess.step([0], [3 + k])
+            results[i] = "ok"
+        except (IndexError, KeyError) as exc:
+            results[i] = type(exc).__name__
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(16)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads)
+    assert results == {i: "IndexError" if i % 5 == 1 else "KeyError" if i % 5 == 2 else "ok"
+                       for i in range(16)}
+    assert not batched._leader and not batched._work and not batched._calls
 
 
 REQUESTS = [
