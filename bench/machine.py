@@ -29,6 +29,7 @@ def header() -> str:
     c = cpu()
     kind = "AVX-512" if "avx512f" in c["simd"] else "AVX2" if "avx2" in c["simd"] else "no AVX2"
     env = {k: os.environ[k] for k in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "NPY_DISABLE_CPU_FEATURES",
-                                      "ATEN_CPU_CAPABILITY", "NUMBA_NUM_THREADS") if k in os.environ}
+                                      "ATEN_CPU_CAPABILITY", "OPENBLAS_CORETYPE", "NUMBA_NUM_THREADS")
+           if k in os.environ}
     return (f"machine: {c['model']}, {c['cores']} logical CPUs, {kind} ({' '.join(c['simd'])})"
             + (f"; settings {env}" if env else ""))
