@@ -235,7 +235,7 @@ def test_create_from_threads_is_the_serial_answer():
 
 
 def test_an_idle_pool_gives_its_pages_back(model):
-    batched = BatchingModel(model, max_rows=4)
+    batched = BatchingModel(model, max_rows=4, release_after=0)    # at once
     sess = batched.session([1, 2, 3], rows=2, max_new_tokens=3)
     sess.prefill()
     sess.step([0, 1], [4, 5])
@@ -248,6 +248,23 @@ def test_an_idle_pool_gives_its_pages_back(model):
     del other
     gc.collect()
     assert batched._holders == 0 and not any(k.any() for k in batched._k)   # released: zeros
+    again = batched.session([1, 2, 3], rows=1, max_new_tokens=2)
+    assert np.array_equal(again.prefill(), model.session([1, 2, 3], 1, 2).prefill())
+
+
+def test_an_idle_pool_keeps_its_pages_for_release_after_seconds(model):
+    batched = BatchingModel(model, max_rows=2, release_after=0.3)
+    for rep in range(2):       # a session within the idle time finds the pages in place
+        sess = batched.session([1, 2, 3], rows=1, max_new_tokens=2)
+        sess.prefill()
+        del sess
+        gc.collect()
+        assert batched._holders == 0 and batched._k[0].any()
+        time.sleep(0.1)
+    deadline = time.monotonic() + 10
+    while any(k.any() for k in batched._k) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(k.any() for k in batched._k)                  # released after the idle time
     again = batched.session([1, 2, 3], rows=1, max_new_tokens=2)
     assert np.array_equal(again.prefill(), model.session([1, 2, 3], 1, 2).prefill())
 
