@@ -191,9 +191,11 @@ def _tensor_entry(path: Path, key: str, info) -> tuple:
     return _DTYPES[info["dtype"]], tuple(shape), tuple(offsets)
 
 
-def release_pages(array: np.ndarray) -> None:
+def release_pages(array: np.ndarray, whole_file: bool = False) -> None:
     """Tell the OS it may drop the resident file pages behind a memory-mapped tensor (they
-    are read again from the file if used). A no-op for arrays that are not file mappings."""
+    are read again from the file if used); with whole_file, every page of its file's
+    mapping (the header and the other tensors too). A no-op for arrays that are not file
+    mappings."""
     import mmap
 
     base = array
@@ -204,10 +206,11 @@ def release_pages(array: np.ndarray) -> None:
         return
     origin = np.frombuffer(mm, dtype=np.uint8).__array_interface__["data"][0]
     start = array.__array_interface__["data"][0] - origin         # byte position in the mapping
-    first = start - start % mmap.PAGESIZE
-    last = start + array.nbytes
+    first = 0 if whole_file else start - start % mmap.PAGESIZE
+    last = len(mm) if whole_file else start + array.nbytes
     try:
-        mm.madvise(mmap.MADV_DONTNEED, first, (last - first) // mmap.PAGESIZE * mmap.PAGESIZE)
+        length = last - first if whole_file else (last - first) // mmap.PAGESIZE * mmap.PAGESIZE
+        mm.madvise(mmap.MADV_DONTNEED, first, length)      # (the kernel rounds a tail page up)
     except (OSError, ValueError):
         pass
 

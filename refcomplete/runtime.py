@@ -110,6 +110,8 @@ class GPT2Model:
         # The small tensors are copied too (0.5 MB): read in place, each read maps a window
         # of the file around it (fault-around), 10 MB of released weight pages in all.
         self._wpe, self._ln_f = self._copy(p.wpe), (self._copy(p.ln_f_weight), self._copy(p.ln_f_bias))
+        if self.backend != "numpy":        # what fault-around mapped back in meanwhile
+            release_pages(p.wpe, whole_file=True)
         self.checkpoint = checkpoint
         self.config = checkpoint.config
         self.params = checkpoint.params

@@ -107,3 +107,32 @@ def test_forwards_from_many_threads_at_once_give_the_bits_of_one_at_a_time(model
         t.join()
     for a, b in zip(alone, together):
         assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def _resident_kib_of_mapping(array: np.ndarray) -> int | None:
+    """Rss of the /proc/self/smaps mapping that holds `array`'s memory (Linux only)."""
+    addr = array.__array_interface__["data"][0]
+    try:
+        lines = open("/proc/self/smaps").read().splitlines()
+    except OSError:
+        return None
+    inside = False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and head == "Rss:":
+            return int(line.split()[1])
+    return None
+
+
+def test_the_numba_backend_leaves_no_checkpoint_page_resident(tiny_dir):
+    # every weight is a copy (packed or not): the file's pages, fault-around's included, go
+    ckpt = load_checkpoint(tiny_dir)
+    m = GPT2Model(ckpt, backend="numba")
+    rss = _resident_kib_of_mapping(ckpt.params.wpe)
+    if rss is None:
+        pytest.skip("no /proc/self/smaps here")
+    assert rss == 0, f"{rss} KiB of the checkpoint still mapped"
+    assert m.session([1, 2], 1, 1).prefill().shape == (1, m.n_vocab)
