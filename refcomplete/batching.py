@@ -246,9 +246,9 @@ class BatchingModel:
         with self._cond:
             (self._calls if alone else self._work).append(job)
             self._cond.notify_all()              # a round waiting for this session's job
-            lead = job.lead = not self._leader
+            job.lead = not self._leader
             self._leader = True
-        if not lead:
+        if not job.lead:
             job.wake.wait()                      # done, or handed the lead
         if job.lead:
             self._lead(job)
