@@ -253,20 +253,34 @@ def test_an_idle_pool_gives_its_pages_back(model):
 
 
 def test_an_idle_pool_keeps_its_pages_for_release_after_seconds(model):
-    batched = BatchingModel(model, max_rows=2, release_after=0.3)
+    """Timing-independent: the idle time is long enough that no host is slow enough to pass
+    it between two sessions; then the idle time is made to have passed and the pending
+    check runs (as its timer would)."""
+    batched = BatchingModel(model, max_rows=2, release_after=60)
     for rep in range(2):       # a session within the idle time finds the pages in place
         sess = batched.session([1, 2, 3], rows=1, max_new_tokens=2)
         sess.prefill()
         del sess
         gc.collect()
         assert batched._holders == 0 and batched._k[0].any()
-        time.sleep(0.1)
-    deadline = time.monotonic() + 10
-    while any(k.any() for k in batched._k) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(k.any() for k in batched._k)                  # released after the idle time
+        assert batched._timer is not None                        # a check is pending
+    batched._idle_at -= 120                                      # the idle time is over
+    batched._idle_check()
+    assert not any(k.any() for k in batched._k)                  # released
     again = batched.session([1, 2, 3], rows=1, max_new_tokens=2)
     assert np.array_equal(again.prefill(), model.session([1, 2, 3], 1, 2).prefill())
+
+
+def test_an_idle_pools_timer_releases_its_pages(model):
+    batched = BatchingModel(model, max_rows=2, release_after=0.2)
+    sess = batched.session([1, 2, 3], rows=1, max_new_tokens=2)
+    sess.prefill()
+    del sess
+    gc.collect()
+    deadline = time.monotonic() + 30
+    while any(k.any() for k in batched._k) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(k.any() for k in batched._k)                  # released by the timer
 
 
 def test_prompts_and_steps_of_several_sessions_in_one_forward(model):
