@@ -171,7 +171,11 @@ def gemv_bandwidth() -> float:
     """GB/s of a 1 x 768 @ 768 x 131072 fp32 GEMV (402 MB, out of cache): the decode roofline."""
     w = np.random.default_rng(0).standard_normal((768, 131072), dtype=np.float32)
     x = np.ones((1, 768), np.float32)
-    return w.nbytes / best_of(lambda: x @ w, 5) / 1e9
+    gb_s = w.nbytes / best_of(lambda: x @ w, 5) / 1e9
+    # OpenBLAS's threads spin after a call: a Numba linear of 768 x 3072 begun 0-50 ms after
+    # this GEMV took 0.9-4.5 ms against 0.52-0.60 (200 ms after, or alone; Zen 3, 2 cores)
+    time.sleep(0.5)
+    return gb_s
 
 
 def main():
