@@ -28,15 +28,6 @@ KINDS = (("q/k/v", "attn.c_attn.weight", 768, 2304), ("proj", "attn.c_proj.weigh
          ("fc", "mlp.c_fc.weight", 768, 3072), ("out", "mlp.c_proj.weight", 3072, 768))
 
 
-def timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return np.array(times)
-
-
 def settle():
     time.sleep(0.5)             # OpenBLAS's spinning threads go to sleep
 
@@ -52,7 +43,7 @@ def main():
 
     from threadpoolctl import threadpool_info
 
-    from bench_runtime import PROMPT, checkpoint
+    from bench_runtime import PROMPT, best_of, checkpoint, gemv_bandwidth
     from machine import header
     from refcomplete.checkpoint import load_checkpoint
     from refcomplete.runtime import BLOCK_WEIGHTS, GPT2Model
@@ -69,7 +60,6 @@ def main():
     layers = [(label, model._block_w[BLOCK_WEIGHTS.index(name)], K, N) for label, name, K, N in KINDS]
     layers.append(("LM head", [model._head_w], 768, model.n_vocab))
     twins = {label: [rng.standard_normal((K, N), dtype=np.float32) for _ in ws] for label, ws, K, N in layers}
-    big = rng.standard_normal((768, 131072), dtype=np.float32)
 
     # the step, split: wrap the model's two kernel calls
     spent = {"layers": [], "head": []}
@@ -98,9 +88,7 @@ def main():
 
     steps()                                                        # compile / warm up
     for rnd in range(1, args.rounds + 1):
-        x = np.ones((1, 768), np.float32)
-        gemv = big.nbytes / timed(lambda: x @ big, 5).min() / 1e9
-        settle()
+        gemv = gemv_bandwidth()                                    # it waits for BLAS's threads
         s, lay, hd = (a * 1e3 for a in steps())
         print(f"round {rnd}: GEMV 402 MB {gemv:.1f} GB/s (roofline {gemv * 1e9 / (124.44e6 * 4):.1f} tok/s)")
         print(f"  step min {s.min():.2f} / median {np.median(s):.2f} ms = layers {lay.min():.2f} / "
@@ -112,9 +100,9 @@ def main():
             mb = sum(w.nbytes for w in twins[label]) / 1e6
             x = np.ones((1, K), np.float32)
             out, b = np.empty((1, N), np.float32), np.zeros(N, np.float32)
-            theirs = timed(lambda: [x @ w for w in twins[label]], args.repeats).min()
+            theirs = best_of(lambda: [x @ w for w in twins[label]], args.repeats)
             settle()
-            ours = timed(lambda: [k.linear(x, w, b, out, tasks) for w in ws], args.repeats).min()
+            ours = best_of(lambda: [k.linear(x, w, b, out, tasks) for w in ws], args.repeats)
             print(f"  | {label} | {mb:.0f} | {mb / 1e3 / ours:.1f} | {mb / 1e3 / theirs:.1f} | {theirs / ours:.2f} |")
         print()
 
