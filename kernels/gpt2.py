@@ -77,6 +77,15 @@ def tile(x, k0, panel, acc, b, j, rows, turn, turns):
         acc[i, j:j + TILE_COLS] = a
 
 
+def tile_pair(x, k0, panels, acc, b, j, turn, turns):
+    """tile() of one row (b) over two adjacent panels at once, panels [2, kb, C], into
+    acc[b, j:j + 2*C]: each k-step reads panel 0's row k, then panel 1's, into four
+    accumulator vectors on AVX2 (two streams a core, as OpenBLAS's GEMV walks several
+    columns). Each element's sum is tile()'s, bit for bit. The interpreted twin."""
+    for q in range(2):
+        tile(x, k0, panels[q], acc, b, j + q * TILE_COLS, 1, turn, turns)
+
+
 # Prefetch: each panel row's cache lines are prefetched into L2 PREFETCH floats (32 KB)
 # ahead, so that w streams in while a k-block's later row tiles compute from L1. The
 # hardware prefetcher alone left a decode step latency-bound (AVX-512 Xeon, whole steps,
@@ -90,34 +99,38 @@ def tile(x, k0, panel, acc, b, j, rows, turn, turns):
 PREFETCH = 8192                  # floats: 32 KB ahead, in L2
 
 
-def _make_tile(R):
-    """The register tile of R rows, compiled: an intrinsic that writes _tile_ir's loop."""
+def _make_tile(R, P=1):
+    """The register tile of R rows and P panels, compiled: an intrinsic that writes
+    _tile_ir's loop."""
     @intrinsic
     def _tile(typingctx, x, k0, panel, acc, b, j, turn, turns):
-        return types.void(x, k0, panel, acc, b, j, turn, turns), lambda ctx, bld, sig, args: _tile_ir(ctx, bld, sig, args, R)
+        return types.void(x, k0, panel, acc, b, j, turn, turns), lambda ctx, bld, sig, args: _tile_ir(ctx, bld, sig, args, R, P)
     return _tile
 
 
-def _tile_ir(context, builder, signature, args, R):
-    """LLVM IR of tile(x, k0, panel, acc, b, j, R, turn, turns): R x TILE_COLS accumulators
-    as phis of TILE_VEC-float vectors across the k loop, a separate fmul and fadd per k (no
-    fast-math flags); on its turns (k % turns == turn) a panel row's cache lines are
-    prefetched PREFETCH floats ahead."""
+def _tile_ir(context, builder, signature, args, R, P):
+    """LLVM IR of tile(x, k0, panel, acc, b, j, R, turn, turns) (P = 1, panel [kb, C]) or
+    of tile_pair (P = 2, panel [2, kb, C]): R x P*TILE_COLS accumulators as phis of
+    TILE_VEC-float vectors across the k loop, a separate fmul and fadd per k (no fast-math
+    flags); on its turns (k % turns == turn) each panel row's cache lines are prefetched
+    PREFETCH floats ahead."""
     f32, i64, i32 = ir.FloatType(), ir.IntType(64), ir.IntType(32)
     vec = ir.VectorType(f32, TILE_VEC)
     nv = TILE_COLS // TILE_VEC
     x_, p_, a_ = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3))
     k0_, b_, j_, turn_, turns_ = (context.cast(builder, args[i], signature.args[i], types.int64) for i in (1, 4, 5, 6, 7))
     const = lambda n: ir.Constant(i64, n)
-    in_floats = lambda a: builder.sdiv(builder.extract_value(a.strides, 0), const(4))
+    in_floats = lambda a, axis=0: builder.sdiv(builder.extract_value(a.strides, axis), const(4))
     row = lambda a, i, col: builder.gep(a.data, [builder.add(builder.mul(builder.add(b_, const(i)), in_floats(a)), col)])
     vptr = lambda p, v: builder.bitcast(builder.gep(p, [const(TILE_VEC * v)]), vec.as_pointer())
     i8p = ir.IntType(8).as_pointer()
     prefetch = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
-    K = builder.extract_value(p_.shape, 0)
-    pstride = in_floats(p_)
+    K = builder.extract_value(p_.shape, P - 1)
+    pstride = in_floats(p_, P - 1)                   # floats between a panel's rows
+    qstride = in_floats(p_) if P > 1 else const(0)   # between panels
     xrows = [row(x_, i, k0_) for i in range(R)]
     arows = [row(a_, i, j_) for i in range(R)]
+    nv *= P                                          # an accumulator row: P panels' vectors
     start = [builder.load(vptr(arows[i], v), align=4) for i in range(R) for v in range(nv)]
     entry = builder.block
     head, body, done = (builder.append_basic_block(f"tile.{n}") for n in ("head", "body", "done"))
@@ -132,12 +145,14 @@ def _tile_ir(context, builder, signature, args, R):
         a.add_incoming(s0, entry)
     builder.cbranch(builder.icmp_signed("<", k, K), body, done)
     builder.position_at_end(body)                    # acc += x[., k] * panel[k], k in order
-    pk = builder.gep(p_.data, [builder.mul(k, pstride)])
     mine = builder.icmp_signed("==", turn, turn_)    # this tile's turn: 32 KB ahead; else its own row
-    for line in range(0, TILE_COLS, 16):             # read, into L2 (locality 2)
-        ahead = builder.bitcast(builder.gep(pk, [builder.select(mine, const(PREFETCH + line), const(line))]), i8p)
-        builder.call(prefetch, [ahead, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
-    wv = [builder.load(vptr(pk, v), align=4) for v in range(nv)]
+    wv = []
+    for q in range(P):                               # panel q's row k, then panel q + 1's
+        pk = builder.gep(p_.data, [builder.add(builder.mul(const(q), qstride), builder.mul(k, pstride))])
+        for line in range(0, TILE_COLS, 16):         # read, into L2 (locality 2)
+            ahead = builder.bitcast(builder.gep(pk, [builder.select(mine, const(PREFETCH + line), const(line))]), i8p)
+            builder.call(prefetch, [ahead, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+        wv += [builder.load(vptr(pk, v), align=4) for v in range(TILE_COLS // TILE_VEC)]
     undef, splat = ir.Constant(vec, None), ir.Constant(ir.VectorType(i32, TILE_VEC), [0] * TILE_VEC)
     new = []
     for i in range(R):
@@ -158,6 +173,7 @@ def _tile_ir(context, builder, signature, args, R):
 
 
 _tile_r, _tile_2, _tile_1 = (_make_tile(r) for r in (TILE_ROWS, 2, 1))
+_tile_pair = _make_tile(1, 2)
 
 
 @overload(tile)
@@ -170,6 +186,11 @@ def _ol_tile(x, k0, panel, acc, b, j, rows, turn, turns):
         else:
             _tile_1(x, k0, panel, acc, b, j, turn, turns)
     return impl
+
+
+@overload(tile_pair)
+def _ol_tile_pair(x, k0, panels, acc, b, j, turn, turns):
+    return lambda x, k0, panels, acc, b, j, turn, turns: _tile_pair(x, k0, panels, acc, b, j, turn, turns)
 
 
 # The linear layers' weights, packed (pack()): [K, N] as ceil(N / TILE_COLS) panels of
@@ -226,6 +247,21 @@ def _matmul_panel(x, wp, p, acc):
             tile(x, k0, blk, acc, b, 0, 1, i, tiles)
 
 
+# One row, AVX2: two panels at a time (tile_pair) instead of one. On a real AVX2 host (Zen
+# 3), whole batch-1 steps of the 124M shapes, alternated in one process, the same logits bit
+# for bit: median 30.6 -> 27.2 ms, min 26.0 -> 22.2 (docs/benchmarks.md, ninth pass).
+# AVX-512 keeps one panel (64 columns, four zmm accumulators already): not measured there.
+PAIRS = not AVX512
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _matmul_pair(x, wp, p, acc):
+    """acc[0, :2*TILE_COLS] = x[0] @ panels p and p + 1 of wp, one tile_pair over all of
+    K; the same sums as _matmul_panel's, bit for bit."""
+    acc[0] = 0.0
+    tile_pair(x, 0, wp[p:p + 2], acc, 0, 0, 0, 1)
+
+
 # ----------------------------------------------------------------------------- kernels
 
 @njit(cache=True, error_model="numpy", nogil=True)
@@ -273,18 +309,26 @@ def _linear(x, wp, bias, out, tasks, epilogue):
     `epilogue` stored into out [B, N] (PLAIN), stored through gelu_new (GELU), or added to
     out (RESIDUAL). `tasks` tasks own a contiguous run of panels each; a task accumulates
     a panel's TILE_COLS columns for all B rows in its scratch, then applies the epilogue
-    row by row."""
+    row by row. One row on AVX2 goes two panels at a time (PAIRS), a task's run even."""
     B = x.shape[0]
     N = out.shape[1]
     n_panels = wp.shape[0]
+    pairs = PAIRS and B == 1
     per = (n_panels + tasks - 1) // tasks
+    per += per % 2 if pairs else 0
     for t in prange((n_panels + per - 1) // per):
-        acc = np.empty((B, TILE_COLS), np.float32)
-        for p in range(t * per, min(n_panels, (t + 1) * per)):
-            _matmul_panel(x, wp, p, acc)
+        acc = np.empty((B, 2 * TILE_COLS), np.float32)
+        p, end = t * per, min(n_panels, (t + 1) * per)
+        while p < end:
+            width = 2 if pairs and p + 1 < end else 1
+            if width == 2:
+                _matmul_pair(x, wp, p, acc)
+            else:
+                _matmul_panel(x, wp, p, acc)
             n0 = p * TILE_COLS
             for b in range(B):
-                _epilogue(acc[b, :min(N, n0 + TILE_COLS) - n0], bias, out, b, n0, epilogue)
+                _epilogue(acc[b, :min(N, n0 + width * TILE_COLS) - n0], bias, out, b, n0, epilogue)
+            p += width
 
 
 @njit(cache=True, error_model="numpy", inline="always")

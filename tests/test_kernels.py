@@ -24,7 +24,8 @@ def rand(*shape, scale=1.0):
 
 
 SHAPES = [(1, 16, 24), (3, 64, 300), (5, 40, 257), (2, 128, 33),  # (B, K, N): N not a multiple
-          (3, 13, 50), (2, 7, 20), (4, 21, 33)]                  # of the task size; K not of 8
+          (3, 13, 50), (2, 7, 20), (4, 21, 33),                  # of the task size; K not of 8
+          (1, 300, 77), (1, 2 * 512 + 5, 16 * 7)]                # one row: pairs, an odd panel left
 
 
 @pytest.mark.parametrize("B,K,N", SHAPES)
@@ -215,6 +216,26 @@ def test_register_tiles_equal_twin_bitwise(B, K):
     panel(x, k.pack(w), 1, acc)
     assert np.array_equal(acc[:B], twin._matmul(x, w[:, k.TILE_COLS:2 * k.TILE_COLS]))
     assert np.isnan(acc[B]).all()
+
+
+@pytest.mark.parametrize("K", [1, 16, 300, 2 * k.TILE_K + 5])
+def test_pair_tile_equals_two_single_panels_bitwise(K):
+    """One row over two adjacent panels at once (the AVX2 batch-1 path) gives each panel's
+    single-panel sums, bit for bit, and writes only its row's 2 x TILE_COLS accumulators.
+    Under NUMBA_DISABLE_JIT=1 this pins tile_pair's interpreted twin."""
+    from numba import njit
+
+    x, w = rand(1, K), rand(K, 4 * k.TILE_COLS, scale=0.2)
+    wp = k.pack(w)
+    acc = np.full((2, 2 * k.TILE_COLS), np.nan, np.float32)               # row 1: never written
+    njit(lambda x, wp, p, acc: k._matmul_pair(x, wp, p, acc))(x, wp, 1, acc)
+    assert np.array_equal(acc[:1], twin._matmul(x, w[:, k.TILE_COLS:3 * k.TILE_COLS]))
+    assert np.isnan(acc[1]).all()
+    one = np.empty((1, k.TILE_COLS), np.float32)
+    panel = njit(lambda x, wp, p, acc: k._matmul_panel(x, wp, p, acc))
+    for q in (1, 2):
+        panel(x, wp, q, one)
+        assert np.array_equal(one[0], acc[0, (q - 1) * k.TILE_COLS:q * k.TILE_COLS])
 
 
 @pytest.mark.parametrize("K,N", [(5, 1), (7, 16), (3, 65), (768, 2304)])
