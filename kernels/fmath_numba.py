@@ -268,6 +268,94 @@ def top_k_ids(x, k, positive):
     return ids
 
 
+BUCKET_BITS, BUCKETS = 45, 8192    # fmath.nucleus_by_buckets' buckets: 2**-7 wide, the last all below
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def top_p_keep_ids(p, top_p):
+    """fmath.top_p_keep's ids, ascending, in four passes over the vocabulary p (float64,
+    >= 0). Its buckets over the whole vocabulary at once: the mass of each bucket of
+    bits >> BUCKET_BITS, summed in id order, locates the bucket where the mass crosses
+    top_p; only that bucket is sorted. The masses are estimates: they decide only when
+    top_p is farther from both sums around the crossing than any rounding difference
+    (fmath.nucleus_by_buckets' margin), else all values are sorted and summed in order,
+    the spec's way. Then (n_keep, last) give the ids: those above last, and of last's
+    tie group the lowest."""
+    n = p.shape[0]
+    pmax = p[0]
+    for i in range(n):
+        pmax = max(pmax, p[i])
+    n_keep, last = 1, pmax
+    if top_p > 0:
+        top = bits_from_f64(pmax) >> BUCKET_BITS
+        mass = np.zeros(BUCKETS, np.float64)
+        count = np.zeros(BUCKETS, np.int64)
+        for i in range(n):
+            b = min(top - (bits_from_f64(p[i]) >> BUCKET_BITS), BUCKETS - 1)
+            mass[b] += p[i]
+            count[b] += 1
+        total, base, j, before = 0.0, 0.0, -1, 0
+        for b in range(BUCKETS):
+            if j < 0:
+                if total + mass[b] >= top_p:
+                    j, base = b, total
+                else:
+                    before += count[b]
+            total += mass[b]
+        decided = False
+        if j >= 0:
+            vals = np.empty(count[j], np.float64)
+            m = 0
+            for i in range(n):
+                if min(top - (bits_from_f64(p[i]) >> BUCKET_BITS), BUCKETS - 1) == j:
+                    vals[m] = p[i]
+                    m += 1
+            vals = np.sort(vals)[::-1]
+            lo, hi, k = base, base + vals[0], 0
+            while hi < top_p and k < m - 1:
+                k += 1
+                lo, hi = hi, hi + vals[k]
+            margin = 8.0 * (n + BUCKETS) * 2.0**-52 * total
+            if hi - top_p > margin and top_p - lo > margin:
+                n_keep, last, decided = before + k + 1, vals[k], True
+        if not decided:                                  # the spec's way: all, sorted, in order
+            vals = np.sort(p)[::-1]
+            cum, k = 0.0, 0
+            while k < n - 1:
+                cum += vals[k]
+                if not cum < top_p:
+                    break
+                k += 1
+            n_keep, last = k + 1, vals[k]
+    above = 0
+    for i in range(n):
+        above += p[i] > last
+    ties = n_keep - above
+    out = np.empty(n_keep + 1, np.int64)
+    m = 0
+    for i in range(n):                                   # branch-free: a flat p mispredicts
+        tie = p[i] == last
+        take = (p[i] > last) | (tie & (ties > 0))
+        out[m] = i                                       # kept only if m advances
+        m = min(m + take, n_keep)
+        ties -= take & tie
+    return out[:n_keep]
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def renormalise_kept(p, kept):
+    """fmath.renormalise: out[kept] = p[kept] / sum(p[kept]), fmath's eight-lane sum over
+    the kept values in id order; 0 elsewhere."""
+    pk = np.empty(kept.shape[0], np.float64)
+    for i in range(kept.shape[0]):
+        pk[i] = p[kept[i]]
+    s = sum8(pk)
+    out = np.zeros(p.shape[0], np.float64)
+    for i in range(kept.shape[0]):
+        out[kept[i]] = pk[i] / s
+    return out
+
+
 # -- the same interface as kernels/fmath.py (NumPy arrays in, NumPy arrays out) ----------
 
 def exp(x):
@@ -306,3 +394,11 @@ def top_k(x, k, positive=False):
     if k <= 0:
         return []
     return top_k_ids(np.ascontiguousarray(x, dtype=np.float64), int(k), bool(positive)).tolist()
+
+
+def top_p_keep(p, top_p):
+    return top_p_keep_ids(np.ascontiguousarray(p, dtype=np.float64), float(top_p))
+
+
+def renormalise(p, kept):
+    return renormalise_kept(np.ascontiguousarray(p, dtype=np.float64), np.ascontiguousarray(kept, dtype=np.int64))

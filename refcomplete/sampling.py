@@ -21,9 +21,10 @@ The order, written once (V = n_vocab; x is float64 [V] throughout):
                   cumulative sum exceeds u * total
 
 Each stage is `(x, state) -> x`; `run(z, state, trace=True)` also returns every
-intermediate. The fast paths (`_top_p_keep`, `select`) never sort the whole vocabulary;
-`top_p_reference` and `select_reference` are their slow twins (the spec), pinned
-together in tests/test_sampling.py.
+intermediate. The fast paths (the backend's `top_p_keep`, kernels/fmath.py's the NumPy
+one, and `select`) never sort the whole vocabulary; `top_p_reference` and
+`select_reference` are their slow twins (the spec), pinned together in
+tests/test_sampling.py.
 
     >>> st = State(SamplingParams(temperature=1.0, top_p=0.5), counts={})
     >>> p, _ = run(fmath.log(np.array([0.1, 0.4, 0.3, 0.2])), st)
@@ -110,7 +111,7 @@ def top_p(p: np.ndarray, st: State) -> np.ndarray:
     """Nucleus filter (SEMANTICS 2); top_p >= 1 keeps every token and is the identity."""
     if st.params.top_p >= 1:
         return p
-    return _renormalise(p, _top_p_keep(p, st.params.top_p), st.ops)
+    return st.ops.renormalise(p, st.ops.top_p_keep(p, st.params.top_p))
 
 
 STAGES: tuple[tuple[str, Callable], ...] = (
@@ -201,99 +202,6 @@ def select_reference(p: np.ndarray, u: float) -> int:
     return ids[-1]
 
 
-# -- top_p internals ----------------------------------------------------------------------
-
-_FRACTIONS = (2.0**-6, 2.0**-9, 2.0**-12, 2.0**-16, 2.0**-20, 2.0**-28, 2.0**-40, 0.0)
-_POOL = 2.0**-16
-
-
-def _top_p_keep(p: np.ndarray, top_p: float) -> np.ndarray:
-    """Ids kept by the nucleus rule, without sorting the vocabulary.
-
-    The candidates {p >= f * max p} all precede every other token in the sorted order,
-    so if their mass already reaches top_p the rule is decided among them; else a
-    lower threshold is tried, down to the whole vocabulary. A set whose sum is short of
-    top_p by more than any rounding difference is skipped unsorted (that sum only picks
-    which set to sort, never a kept token, so numpy's pairwise sum is fine there). The
-    thresholds are tried within a pool {p >= POOL * max p} first, which holds nearly all
-    the mass of a trained model's distribution, so the vocabulary is scanned once.
-    Only the candidates' values are sorted (the sorted values are the same whatever the
-    sort, and equal values in any order give the same cumulative sums), and of a large
-    set only the bucket where the mass crosses top_p (`_nucleus_by_buckets`); the kept
-    ids are then those above the last kept value, and of its tie group the lowest ids,
-    as the spec says.
-    """
-    pmax = p.max()
-    pool = np.flatnonzero(p >= pmax * _POOL)
-    in_pool = p[pool]
-    pool_mass = in_pool.sum()
-    for f in _FRACTIONS:          # (x[flatnonzero(mask)]: 3x faster than x[mask] here)
-        if f and f >= _POOL and pool_mass >= top_p - 1e-9:
-            cand = pool[np.flatnonzero(in_pool >= pmax * f)]   # ascending ids, as flatnonzero's
-        else:
-            cand = np.flatnonzero(p >= pmax * f) if f else np.arange(len(p))
-        pc = p[cand]
-        if f and pc.sum() < top_p - 1e-9:          # surely short of top_p: skip the sort
-            continue
-        decided = _nucleus_by_buckets(pc, top_p)
-        if decided is None:
-            vals = np.sort(pc)[::-1]               # descending (values only: 4x argsort's speed)
-            cum = np.cumsum(vals)
-            if cum[-1] < top_p and f:
-                continue
-            # n_keep = how many of before = [0, cum[0], cum[1], ...] are < top_p (nondecreasing)
-            n_keep = max(1, int(top_p > 0) + int(np.searchsorted(cum[:-1], top_p, side="left")))
-            decided = n_keep, vals[n_keep - 1]
-        n_keep, last = decided
-        keep = pc > last
-        ties = np.flatnonzero(pc == last)[: n_keep - int(np.count_nonzero(keep))]
-        keep[ties] = True                                            # lowest ids first
-        return cand[np.flatnonzero(keep)]                            # ascending, as cand
-    raise AssertionError("unreachable")
-
-
-_BUCKET_BITS = 45       # a float64's bits >> 45: its exponent and top 7 mantissa bits
-_BUCKETS = 8192         # buckets 2**-7 wide, the lowest holding everything farther down
-_SORT_BELOW = 2048
-
-
-def _nucleus_by_buckets(pc: np.ndarray, top_p: float) -> tuple[int, float] | None:
-    """(n_keep, last) of the nucleus rule over the values pc: how many of them, sorted
-    descending, have a mass before them < top_p, and the last one kept; sorting only the
-    bucket of values where the mass crosses top_p. Positive floats order as their bits,
-    so buckets of bits >> _BUCKET_BITS hold value ranges in order, and equal values
-    share one. The masses here are estimates (bincount's sums, not the sorted sequential
-    sum the spec takes); they decide only when top_p is farther from both sums around
-    the crossing than any rounding difference, else None (and the caller sorts all).
-    """
-    n = len(pc)
-    if n < _SORT_BELOW or not top_p > 0:
-        return None
-    key = (pc.view(np.uint64) >> np.uint64(_BUCKET_BITS)).astype(np.intp)
-    b = np.minimum(key.max() - key, _BUCKETS - 1)           # 0: the bucket of the largest
-    mass = np.cumsum(np.bincount(b, weights=pc))             # mass of buckets 0..j
-    j = int(np.searchsorted(mass, top_p, side="left"))      # the bucket where it crosses
-    if j == len(mass):
-        return None
-    base = mass[j - 1] if j else 0.0
-    vals = np.sort(pc[b == j])[::-1]
-    local = base + np.cumsum(vals)
-    k = min(int(np.searchsorted(local, top_p, side="left")), len(vals) - 1)
-    margin = 8.0 * (n + len(mass)) * 2.0**-52 * mass[-1]     # >> any rounding difference
-    lo = local[k - 1] if k else base
-    if local[k] - top_p > margin and top_p - lo > margin:
-        return int(np.count_nonzero(b < j)) + k + 1, vals[k]
-    return None
-
-
-def _renormalise(p: np.ndarray, kept: np.ndarray, ops: ModuleType = fmath) -> np.ndarray:
-    """p[kept] / sum(p[kept]) (kept ascending: the sum's lanes run in id order), 0 elsewhere."""
-    out = np.zeros_like(p)
-    pk = p[kept]
-    out[kept] = pk / ops.sum(pk)
-    return out
-
-
 def top_p_reference(p: np.ndarray, top_p: float) -> np.ndarray:
     """Slow twin of the top_p stage: a full stable sort, as the spec says."""
     if top_p >= 1:
@@ -303,7 +211,7 @@ def top_p_reference(p: np.ndarray, top_p: float) -> np.ndarray:
     before = np.concatenate(([0.0], cum[:-1]))
     keep = before < top_p
     keep[0] = True
-    return _renormalise(p, np.sort(order[keep]))
+    return fmath.renormalise(p, np.sort(order[keep]))
 
 
 # -- log-probabilities and top-k (used by logprobs.py and trace.py) -----------------------

@@ -233,3 +233,48 @@ def test_top_k_is_value_descending_ids_ascending_on_both_backends():
                 ref = [i for i in ref if x[i] > 0] if positive else ref
                 for b in backends:
                     assert b.top_k(x, k, positive) == ref[:k], (b.__name__, x.tolist(), k, positive)
+
+
+def _top_p_cases(rng):
+    """(p, top_p): flat and peaked distributions of the vocabulary's size, tie groups,
+    zeros, sums landing on top_p within rounding, tiny supports, top_p at its ends."""
+    from refcomplete.sampling import softmax
+    for s in (0.01, 0.5, 1, 2, 4, 12):
+        p = softmax(rng.standard_normal(50257) * s)
+        for tp in (0.0, 1e-9, 0.3, 0.9, 0.99, 0.999999):
+            yield p, tp
+    for k in (1, 100, 4096, 8191):                     # prefix sums exactly on k / 8192
+        p = np.full(8192, 1 / 8192)
+        for tp in (k / 8192, np.nextafter(k / 8192, 0), np.nextafter(k / 8192, 1)):
+            yield p, tp
+    for s in (0.5, 2):                                 # top_p on the spec's own cumulative sums:
+        p = softmax(rng.standard_normal(50257) * s)    # an estimate off by one rounding decides wrong
+        cum = np.cumsum(np.sort(p)[::-1])
+        for i in (3, 700, 20000, 45000):
+            for tp in (cum[i], np.nextafter(cum[i], 0), np.nextafter(cum[i], 1)):
+                yield p, float(tp)
+    for trial in range(300):
+        n = int(rng.integers(1, 400))
+        p = rng.integers(0, 5, n).astype(float)         # ties, and zeros (logit_bias -100)
+        if not p.any():
+            p[0] = 1.0
+        yield p / p.sum(), float(rng.choice([0.0, rng.uniform(0, 1), 0.5, 1 - 1e-12]))
+
+
+def test_top_p_keep_is_the_spec_on_both_backends():
+    """top_p_keep (each backend's) keeps exactly the ids of the full stable sort's rule, and
+    renormalise gives the NumPy spec's bits."""
+    backends = [fmath]
+    if JIT:
+        from refcomplete.kernels import fmath_numba
+        backends.append(fmath_numba)
+    for p, tp in _top_p_cases(np.random.default_rng(11)):
+        order = np.argsort(-p, kind="stable")           # the spec (sampling.top_p_reference's rule)
+        before = np.concatenate(([0.0], np.cumsum(p[order])[:-1]))
+        keep = before < tp
+        keep[0] = True
+        ref = np.sort(order[keep])                       # zeros included, where the rule keeps them
+        for b in backends:
+            got = b.top_p_keep(p, tp)
+            assert np.array_equal(got, ref), (b.__name__, len(p), tp)
+            assert np.array_equal(b.renormalise(p, got), fmath.renormalise(p, ref))

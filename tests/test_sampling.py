@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from refcomplete import sampling as S
+from refcomplete.kernels import fmath
 from refcomplete.sampling import SamplingParams, State
 
 
@@ -174,14 +175,14 @@ def _nucleus_by_sorting(pc, top_p):
 @given(st.integers(0, 2**32 - 1), st.floats(0.01, 0.999), st.floats(0.2, 4))
 def test_nucleus_by_buckets_decides_as_the_full_sort(seed, top_p, scale):
     p = S.softmax(np.random.default_rng(seed).standard_normal(50257) * scale)
-    got = S._nucleus_by_buckets(p, top_p)
+    got = fmath.nucleus_by_buckets(p, top_p)
     if got is not None:                                # None: too close to call, caller sorts
         assert got == _nucleus_by_sorting(p, top_p)
 
 
 def test_nucleus_by_buckets_decides_typical_distributions():
     rng = np.random.default_rng(0)
-    decided = [S._nucleus_by_buckets(S.softmax(rng.standard_normal(50257) * s), tp)
+    decided = [fmath.nucleus_by_buckets(S.softmax(rng.standard_normal(50257) * s), tp)
                for s in (0.5, 1, 2) for tp in (0.3, 0.9, 0.99)]
     assert all(d is not None for d in decided)        # the fast path is the one taken
 
@@ -189,7 +190,7 @@ def test_nucleus_by_buckets_decides_typical_distributions():
 def test_nucleus_by_buckets_refuses_a_crossing_within_rounding():
     p = np.full(8192, 1 / 8192)                       # prefix sums land exactly on k / 8192
     for k in (1, 100, 4096, 8191):
-        assert S._nucleus_by_buckets(p, k / 8192) is None
+        assert fmath.nucleus_by_buckets(p, k / 8192) is None
         for top_p in (k / 8192, np.nextafter(k / 8192, 0), np.nextafter(k / 8192, 1)):
             assert np.array_equal(S.top_p(p, state(top_p=top_p)), S.top_p_reference(p, top_p))
 
