@@ -129,9 +129,13 @@ def rss_child(which: str) -> None:
         model = GPT2LMHeadModel.from_pretrained(str(checkpoint()), dtype=torch.float32).eval()
         with torch.no_grad():
             model.generate(torch.tensor([PROMPT]), max_new_tokens=32, do_sample=False, pad_token_id=50256)
-    # VmHWM, not ru_maxrss: the latter keeps the parent's peak across fork + exec.
-    hwm = [line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM")]
-    print(int(hwm[0].split()[1]) / 1024)  # MB
+    # VmHWM, not ru_maxrss: the latter keeps the parent's peak across fork + exec. At the
+    # end, its two parts: anonymous memory and mapped file pages (mostly shared libraries:
+    # libllvmlite.so's resident share was 103 MB of 179 with the file in the page cache,
+    # right after pip install, and 50 MB once its cached pages were dropped; Zen 3).
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    print(json.dumps({k: int(status[f].split()[0]) / 1024 for k, f in
+                      (("peak", "VmHWM"), ("anon", "RssAnon"), ("file", "RssFile"))}))  # MB
 
 
 def part(which: str, steps: int) -> dict:
@@ -142,9 +146,10 @@ def part(which: str, steps: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def peak_rss(which: str) -> float:
+def peak_rss(which: str) -> dict:
+    """{"peak", "anon", "file"} MB of one side's fresh process (rss_child)."""
     out = subprocess.run([sys.executable, __file__, "--rss-child", which], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def facts() -> dict:
@@ -197,7 +202,8 @@ def main():
     checkpoint()
     bw = gemv_bandwidth()
     r, h = part("ours", args.steps), part("hf", args.steps)
-    r["peak_rss_mb"], h["peak_rss_mb"] = peak_rss("ours"), peak_rss("hf")
+    rss = {"ours": peak_rss("ours"), "hf": peak_rss("hf")}
+    r["peak_rss_mb"], h["peak_rss_mb"] = rss["ours"]["peak"], rss["hf"]["peak"]
     weights_gb = 124.44e6 * 4 / 1e9
     around = r.pop("gemv_gb_s_around_b1")
     roofline = sum(around) / len(around) / weights_gb            # tok/s at batch 1
@@ -213,12 +219,15 @@ def main():
     print("|---|---|---|---|---|")
     for label, key, ratio, target in rows:
         print(f"| {label} | {r[key]:.3f} | {h[key]:.3f} | {ratio(r[key], h[key]):.2f}x | {target} |")
+    print("peak RSS at exit, anonymous + mapped files (shared libraries' pages; how many are mapped depends "
+          "on what the page cache holds): " + ", ".join(f"{side} {m['anon']:.0f} + {m['file']:.0f} MB"
+                                                       for side, m in rss.items()))
     print(f"\nbatch-1 decode = {100 * r['decode_b1_tok_s'] / roofline:.0f}% of the bandwidth roofline (P1: >= 85%)")
     flops = 2 * 512 * (85.0e6 + 12 * 2 * 512 * 768)              # matmuls + attention, LM head of 1 row
     print(f"prefill 512 = {flops / r['prefill512_s'] / 1e9:.0f} GFLOP/s (P4: >= 70% of ~189 GFLOP/s sgemm)")
     if args.json:
         args.json.write_text(json.dumps({"facts": facts(), "gemv_gb_s": bw, "gemv_gb_s_around_b1": around,
-                                         "refcomplete": r, "hf": h}, indent=2))
+                                         "refcomplete": r, "hf": h, "rss_mb": rss}, indent=2))
 
 
 if __name__ == "__main__":
