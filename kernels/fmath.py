@@ -185,8 +185,53 @@ def top_k(x: np.ndarray, k: int, positive: bool = False) -> list[int]:
     return out
 
 
-# -- top_p's nucleus: selection, no arithmetic; here so that each backend brings its fast
-# version (kernels/fmath_numba.py's top_p_keep: the same ids, pinned by tests/test_fmath.py)
+# -- select, and top_p's nucleus: no arithmetic beyond sequential sums and our sum; here
+# so that each backend brings its fast version (kernels/fmath_numba.py's select,
+# renormalise and top_p_keep: the same results, pinned by tests/test_fmath.py)
+
+_BLOCK = 256
+_EXACT_BELOW = 4096
+
+
+def select(p: np.ndarray, u: float) -> int:
+    """First kept token (ascending id) whose cumulative probability exceeds u * total.
+
+    `total` is the last cumulative sum, so p need not be normalised; tokens with p == 0
+    are never chosen. Over a large support the cumulative sums are first estimated by
+    blocks; the estimate is used only when u * total is farther from every boundary
+    than the worst-case rounding difference, else the exact sequential walk decides,
+    so the result always equals `select_reference`.
+    """
+    kept = p > 0
+    ids = None if kept.all() else np.flatnonzero(kept)      # no id array when all are kept
+    w = p if ids is None else p[ids]
+
+    def at(i) -> int:                                       # the token id of w's entry i
+        return int(i) if ids is None else int(ids[i])
+
+    if len(w) < _EXACT_BELOW:
+        return at(_walk(np.cumsum(w), u))
+    nb = len(w) // _BLOCK
+    sums = w[: nb * _BLOCK].reshape(nb, _BLOCK).sum(axis=1)
+    if len(w) > nb * _BLOCK:
+        sums = np.append(sums, w[nb * _BLOCK:].sum())
+    ends = np.cumsum(sums)                                  # approx cumsum at block ends
+    x = u * ends[-1]
+    j = min(int(np.searchsorted(ends, x, side="right")), len(ends) - 1)
+    base = ends[j - 1] if j else 0.0
+    local = base + np.cumsum(w[j * _BLOCK:(j + 1) * _BLOCK])
+    k = min(int(np.searchsorted(local, x, side="right")), len(local) - 1)
+    margin = 8.0 * len(w) * 2.0**-52 * ends[-1]             # >> any rounding difference
+    lo = local[k - 1] if k else base
+    if local[k] - x > margin and (x - lo > margin or (j == 0 and k == 0)):
+        return at(j * _BLOCK + k)
+    return at(_walk(np.cumsum(w), u))
+
+
+def _walk(c: np.ndarray, u: float) -> int:
+    """Index of the first cumulative sum c[i] > u * c[-1] (clamped to the last)."""
+    return min(int(np.searchsorted(c, u * c[-1], side="right")), len(c) - 1)
+
 
 def renormalise(p: np.ndarray, kept: np.ndarray) -> np.ndarray:
     """p[kept] / sum(p[kept]) (kept ascending: the sum's lanes run in id order), 0 elsewhere."""

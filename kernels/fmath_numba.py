@@ -356,6 +356,26 @@ def renormalise_kept(p, kept):
     return out
 
 
+@njit(cache=True, error_model="numpy", nogil=True)
+def select_index(p, u):
+    """fmath.select without its estimates: total = the sequential sum of p's positive
+    entries in id order, then the first id whose running sum exceeds u * total (the last
+    positive one if none does); select_reference's walk, so no estimate is needed.
+    Branch-free sums (adding 0.0 for the others changes no sum): a flat p mispredicts."""
+    total, last = 0.0, 0
+    for i in range(p.shape[0]):
+        kept = p[i] > 0
+        total += p[i] if kept else 0.0
+        last = i if kept else last
+    x = u * total
+    c = 0.0
+    for i in range(p.shape[0]):
+        c += p[i] if p[i] > 0 else 0.0
+        if c > x:                            # first true where c grew: at a kept id
+            return i
+    return last
+
+
 # -- the same interface as kernels/fmath.py (NumPy arrays in, NumPy arrays out) ----------
 
 def exp(x):
@@ -402,3 +422,7 @@ def top_p_keep(p, top_p):
 
 def renormalise(p, kept):
     return renormalise_kept(np.ascontiguousarray(p, dtype=np.float64), np.ascontiguousarray(kept, dtype=np.int64))
+
+
+def select(p, u):
+    return int(select_index(np.ascontiguousarray(p, dtype=np.float64), float(u)))

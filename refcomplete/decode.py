@@ -94,7 +94,7 @@ def draw(tok, logits: np.ndarray, counts: Counter, plan: Plan, row: int, step: i
     z = logits.astype(np.float64)                                   # [V]
     x, seen = sampling.run(z, sampling.State(params, counts, ops), trace=plan.trace)
     coin = None if params.greedy else rng.coin(plan.seed, row, step)
-    token = sampling.greedy(x) if params.greedy else sampling.select(x, coin)
+    token = sampling.greedy(x) if params.greedy else sampling.select(x, coin, ops)
     lp, top = logprobs.generated(z, x, token, plan.logprobs, plan.processed, params.greedy, ops)
     raw = None
     if plan.rank:

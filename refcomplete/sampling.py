@@ -144,48 +144,15 @@ def greedy(z: np.ndarray) -> int:
     return int(np.argmax(z))
 
 
-_BLOCK = 256
-_EXACT_BELOW = 4096
-
-
-def select(p: np.ndarray, u: float) -> int:
+def select(p: np.ndarray, u: float, ops: ModuleType = fmath) -> int:
     """First kept token (ascending id) whose cumulative probability exceeds u * total.
 
-    `total` is the last cumulative sum, so p need not be normalised; tokens with p == 0
-    are never chosen. Over a large support the cumulative sums are first estimated by
-    blocks; the estimate is used only when u * total is farther from every boundary
-    than the worst-case rounding difference, else the exact sequential walk decides,
-    so the result always equals `select_reference`.
+    `total` is the last cumulative sum (sequential, in id order), so p need not be
+    normalised; tokens with p == 0 are never chosen. The backend's select (kernels/
+    fmath.py's estimates by blocks, or fmath_numba's sequential walk) always equals
+    `select_reference`.
     """
-    kept = p > 0
-    ids = None if kept.all() else np.flatnonzero(kept)      # no id array when all are kept
-    w = p if ids is None else p[ids]
-
-    def at(i) -> int:                                       # the token id of w's entry i
-        return int(i) if ids is None else int(ids[i])
-
-    if len(w) < _EXACT_BELOW:
-        return at(_walk(np.cumsum(w), u))
-    nb = len(w) // _BLOCK
-    sums = w[: nb * _BLOCK].reshape(nb, _BLOCK).sum(axis=1)
-    if len(w) > nb * _BLOCK:
-        sums = np.append(sums, w[nb * _BLOCK:].sum())
-    ends = np.cumsum(sums)                                  # approx cumsum at block ends
-    x = u * ends[-1]
-    j = min(int(np.searchsorted(ends, x, side="right")), len(ends) - 1)
-    base = ends[j - 1] if j else 0.0
-    local = base + np.cumsum(w[j * _BLOCK:(j + 1) * _BLOCK])
-    k = min(int(np.searchsorted(local, x, side="right")), len(local) - 1)
-    margin = 8.0 * len(w) * 2.0**-52 * ends[-1]             # >> any rounding difference
-    lo = local[k - 1] if k else base
-    if local[k] - x > margin and (x - lo > margin or (j == 0 and k == 0)):
-        return at(j * _BLOCK + k)
-    return at(_walk(np.cumsum(w), u))
-
-
-def _walk(c: np.ndarray, u: float) -> int:
-    """Index of the first cumulative sum c[i] > u * c[-1] (clamped to the last)."""
-    return min(int(np.searchsorted(c, u * c[-1], side="right")), len(c) - 1)
+    return ops.select(p, u)
 
 
 def select_reference(p: np.ndarray, u: float) -> int:

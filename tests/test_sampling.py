@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from refcomplete import sampling as S
-from refcomplete.kernels import fmath
+from refcomplete.kernels import fmath, fmath_numba
 from refcomplete.sampling import SamplingParams, State
 
 
@@ -75,12 +75,14 @@ def test_top_p_ties_break_by_ascending_id():
     assert np.flatnonzero(S.top_p(p, state(top_p=0.2))).tolist() == [0]
 
 
-def test_select_walks_ascending_ids():
+@pytest.mark.parametrize("ops", [fmath, fmath_numba], ids=["numpy", "numba"])
+def test_select_walks_ascending_ids(ops):
     p = np.array([0.1, 0.4, 0.3, 0.2])
-    assert [S.select(p, u) for u in (0.0, 0.0999, 0.1, 0.49, 0.5, 0.79, 0.8, 0.9999)] == \
+    assert [S.select(p, u, ops) for u in (0.0, 0.0999, 0.1, 0.49, 0.5, 0.79, 0.8, 0.9999)] == \
         [0, 0, 1, 1, 2, 2, 3, 3]
-    assert S.select(np.array([0.0, 0.5, 0.0, 0.5]), 0.0) == 1   # zero mass is never chosen
-    assert S.select(p * 3, 0.5) == S.select(p, 0.5)               # unnormalised is fine
+    assert S.select(np.array([0.0, 0.5, 0.0, 0.5]), 0.0, ops) == 1    # zero mass is never chosen
+    assert S.select(np.array([0.5, 0.0, 0.5, 0.0]), 0.9999, ops) == 2  # nor after the last kept
+    assert S.select(p * 3, 0.5, ops) == S.select(p, 0.5, ops)          # unnormalised is fine
 
 
 def test_greedy_lowest_id_on_ties():
@@ -143,24 +145,33 @@ def test_top_p_fast_path_reaches_the_whole_vocabulary():
     assert np.count_nonzero(out) == 25129
 
 
+BACKENDS = pytest.mark.parametrize("ops", [fmath, fmath_numba], ids=["numpy", "numba"])
+
+
+@BACKENDS
 @settings(max_examples=150, deadline=None)
-@given(probs, st.floats(0, 1, exclude_max=True))
-def test_select_equals_reference_small(p, u):
-    assert S.select(p, u) == S.select_reference(p, u)
+@given(p=probs, u=st.floats(0, 1, exclude_max=True))
+def test_select_equals_reference_small(ops, p, u):
+    assert S.select(p, u, ops) == S.select_reference(p, u)
 
 
+@BACKENDS
 @settings(max_examples=15, deadline=None)
-@given(st.integers(0, 2**32 - 1), st.floats(0, 1, exclude_max=True), st.floats(0.1, 3))
-def test_select_equals_reference_blocked(seed, u, scale):
+@given(seed=st.integers(0, 2**32 - 1), u=st.floats(0, 1, exclude_max=True), scale=st.floats(0.1, 3))
+def test_select_equals_reference_blocked(ops, seed, u, scale):
     p = S.softmax(np.random.default_rng(seed).standard_normal(50257) * scale)
-    assert S.select(p, u) == S.select_reference(p, u)
+    assert S.select(p, u, ops) == S.select_reference(p, u)
 
 
-def test_select_blocked_falls_back_exactly_at_boundaries():
+@BACKENDS
+def test_select_blocked_falls_back_exactly_at_boundaries(ops):
     p = np.full(8192, 1 / 8192)
     for k in (0, 1, 255, 256, 4095, 8191):
         for u in (k / 8192, np.nextafter(k / 8192, 0), np.nextafter(k / 8192, 1)):
-            assert S.select(p, u) == S.select_reference(p, u)
+            assert S.select(p, u, ops) == S.select_reference(p, u)
+    c = np.cumsum(p)                                   # u * total exactly on a running sum
+    for i in (0, 1, 4095, 8190):
+        assert S.select(p, c[i] / c[-1], ops) == S.select_reference(p, c[i] / c[-1])
 
 
 def _nucleus_by_sorting(pc, top_p):
