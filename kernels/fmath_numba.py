@@ -269,55 +269,90 @@ def top_k_ids(x, k, positive):
 
 
 BUCKET_BITS, BUCKETS = 45, 8192    # fmath.nucleus_by_buckets' buckets: 2**-7 wide, the last all below
+POOL = 2.0**-16                    # fmath's pool: nearly all of a trained model's mass
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _bucket(top, v):
+    return min(top - (bits_from_f64(v) >> BUCKET_BITS), BUCKETS - 1)
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def _crossing(p, ids, direct, top_p, pmax):
+    """(decided, n_keep, last) of the nucleus rule from the values p[ids] alone (ids: a
+    set that holds every value above its smallest; with direct, all of p), by buckets: the mass of each bucket
+    of bits >> BUCKET_BITS, summed in id order, locates the bucket where the mass crosses
+    top_p; only that bucket's values are sorted. The masses are estimates: they decide
+    only when top_p is farther from both sums around the crossing than any rounding
+    difference (fmath.nucleus_by_buckets' margin)."""
+    n = p.shape[0] if direct else ids.shape[0]
+    top = bits_from_f64(pmax) >> BUCKET_BITS
+    mass = np.zeros(BUCKETS, np.float64)
+    count = np.zeros(BUCKETS, np.int64)
+    for i in range(n):
+        v = p[i] if direct else p[ids[i]]
+        b = _bucket(top, v)
+        mass[b] += v
+        count[b] += 1
+    total, base, j, before = 0.0, 0.0, -1, 0
+    for b in range(BUCKETS):
+        if j < 0:
+            if total + mass[b] >= top_p:
+                j, base = b, total
+            else:
+                before += count[b]
+        total += mass[b]
+    if j < 0:
+        return False, 0, 0.0
+    vals = np.empty(count[j], np.float64)
+    m = 0
+    for i in range(n):
+        v = p[i] if direct else p[ids[i]]
+        if _bucket(top, v) == j:
+            vals[m] = v
+            m += 1
+    vals = np.sort(vals)[::-1]
+    lo, hi, k = base, base + vals[0], 0
+    while hi < top_p and k < m - 1:
+        k += 1
+        lo, hi = hi, hi + vals[k]
+    margin = 8.0 * (p.shape[0] + BUCKETS) * 2.0**-52 * total
+    return hi - top_p > margin and top_p - lo > margin, before + k + 1, vals[k]
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _where(p, ids, floor):
+    """The ids (of ids, ascending) whose p >= floor, compressed without a branch."""
+    out = np.empty(ids.shape[0] + 1, np.int64)
+    m = 0
+    for i in range(ids.shape[0]):
+        out[m] = ids[i]
+        m += p[ids[i]] >= floor
+    return out[:m]
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
 def top_p_keep_ids(p, top_p):
-    """fmath.top_p_keep's ids, ascending, in four passes over the vocabulary p (float64,
-    >= 0). Its buckets over the whole vocabulary at once: the mass of each bucket of
-    bits >> BUCKET_BITS, summed in id order, locates the bucket where the mass crosses
-    top_p; only that bucket is sorted. The masses are estimates: they decide only when
-    top_p is farther from both sums around the crossing than any rounding difference
-    (fmath.nucleus_by_buckets' margin), else all values are sorted and summed in order,
-    the spec's way. Then (n_keep, last) give the ids: those above last, and of last's
-    tie group the lowest."""
+    """fmath.top_p_keep's ids, ascending, p float64 >= 0: (n_keep, last) by buckets over
+    the pool {p >= POOL * max p} (its values are all above the others'), else over the
+    whole vocabulary (_crossing), else (too close to call) all values sorted and summed
+    in order, the spec's way. Then the ids, from the set that decided: those above
+    last, and of last's tie group the lowest."""
     n = p.shape[0]
     pmax = p[0]
     for i in range(n):
         pmax = max(pmax, p[i])
+    ids, direct = np.arange(n), True                     # the set that decides: p[ids], or all of p
     n_keep, last = 1, pmax
     if top_p > 0:
-        top = bits_from_f64(pmax) >> BUCKET_BITS
-        mass = np.zeros(BUCKETS, np.float64)
-        count = np.zeros(BUCKETS, np.int64)
-        for i in range(n):
-            b = min(top - (bits_from_f64(p[i]) >> BUCKET_BITS), BUCKETS - 1)
-            mass[b] += p[i]
-            count[b] += 1
-        total, base, j, before = 0.0, 0.0, -1, 0
-        for b in range(BUCKETS):
-            if j < 0:
-                if total + mass[b] >= top_p:
-                    j, base = b, total
-                else:
-                    before += count[b]
-            total += mass[b]
+        pool = _where(p, ids, pmax * POOL)
         decided = False
-        if j >= 0:
-            vals = np.empty(count[j], np.float64)
-            m = 0
-            for i in range(n):
-                if min(top - (bits_from_f64(p[i]) >> BUCKET_BITS), BUCKETS - 1) == j:
-                    vals[m] = p[i]
-                    m += 1
-            vals = np.sort(vals)[::-1]
-            lo, hi, k = base, base + vals[0], 0
-            while hi < top_p and k < m - 1:
-                k += 1
-                lo, hi = hi, hi + vals[k]
-            margin = 8.0 * (n + BUCKETS) * 2.0**-52 * total
-            if hi - top_p > margin and top_p - lo > margin:
-                n_keep, last, decided = before + k + 1, vals[k], True
+        if 2 * pool.shape[0] < n:                        # a small pool: work in it alone
+            decided, n_keep, last = _crossing(p, pool, False, top_p, pmax)
+            if decided:
+                ids, direct = pool, False
+        if not decided:
+            decided, n_keep, last = _crossing(p, ids, True, top_p, pmax)
         if not decided:                                  # the spec's way: all, sorted, in order
             vals = np.sort(p)[::-1]
             cum, k = 0.0, 0
@@ -327,16 +362,18 @@ def top_p_keep_ids(p, top_p):
                     break
                 k += 1
             n_keep, last = k + 1, vals[k]
+    n = n if direct else ids.shape[0]
     above = 0
     for i in range(n):
-        above += p[i] > last
+        above += (p[i] if direct else p[ids[i]]) > last
     ties = n_keep - above
     out = np.empty(n_keep + 1, np.int64)
     m = 0
     for i in range(n):                                   # branch-free: a flat p mispredicts
-        tie = p[i] == last
-        take = (p[i] > last) | (tie & (ties > 0))
-        out[m] = i                                       # kept only if m advances
+        v = p[i] if direct else p[ids[i]]
+        tie = v == last
+        take = (v > last) | (tie & (ties > 0))
+        out[m] = i if direct else ids[i]                 # kept only if m advances
         m = min(m + take, n_keep)
         ties -= take & tie
     return out[:n_keep]
@@ -360,20 +397,23 @@ def renormalise_kept(p, kept):
 def select_index(p, u):
     """fmath.select without its estimates: total = the sequential sum of p's positive
     entries in id order, then the first id whose running sum exceeds u * total (the last
-    positive one if none does); select_reference's walk, so no estimate is needed.
-    Branch-free sums (adding 0.0 for the others changes no sum): a flat p mispredicts."""
-    total, last = 0.0, 0
-    for i in range(p.shape[0]):
-        kept = p[i] > 0
-        total += p[i] if kept else 0.0
-        last = i if kept else last
+    positive one if none does); select_reference's walk, so no estimate is needed. The
+    positive ids are compressed first, without a branch (a top_p-filtered p keeps a
+    random-looking subset, on which a branch per id mispredicts)."""
+    kept = np.arange(p.shape[0])
+    ids = _where(p, kept, 5e-324)                        # p > 0: p >= the least subnormal
+    if ids.shape[0] == 0:
+        return -1
+    total = 0.0
+    for i in range(ids.shape[0]):
+        total += p[ids[i]]
     x = u * total
     c = 0.0
-    for i in range(p.shape[0]):
-        c += p[i] if p[i] > 0 else 0.0
-        if c > x:                            # first true where c grew: at a kept id
-            return i
-    return last
+    for i in range(ids.shape[0]):
+        c += p[ids[i]]
+        if c > x:
+            return ids[i]
+    return ids[ids.shape[0] - 1]
 
 
 # -- the same interface as kernels/fmath.py (NumPy arrays in, NumPy arrays out) ----------
@@ -425,4 +465,7 @@ def renormalise(p, kept):
 
 
 def select(p, u):
-    return int(select_index(np.ascontiguousarray(p, dtype=np.float64), float(u)))
+    i = int(select_index(np.ascontiguousarray(p, dtype=np.float64), float(u)))
+    if i < 0:
+        raise ValueError("select: no token has a positive probability")
+    return i

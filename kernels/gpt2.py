@@ -248,8 +248,10 @@ def _matmul_panel(x, wp, p, acc):
 
 
 # One row, AVX2: two panels at a time (tile_pair) instead of one. On a real AVX2 host (Zen
-# 3), whole batch-1 steps of the 124M shapes, alternated in one process, the same logits bit
-# for bit: median 30.6 -> 27.2 ms, min 26.0 -> 22.2 (docs/benchmarks.md, ninth pass).
+# 3), whole batch-1 steps of the 124M shapes, one panel and two alternated in one process
+# (8 rounds of 40 steps, two runs), the same logits bit for bit: median of the medians
+# 19.83 -> 17.88 and 19.30 -> 16.91 ms, min 17.00 -> 15.59 and 17.04 -> 13.55; pairs for
+# the K = 768 linears only (not out's K = 3072): 17.21 (docs/benchmarks.md, ninth pass).
 # AVX-512 keeps one panel (64 columns, four zmm accumulators already): not measured there.
 PAIRS = not AVX512
 

@@ -247,7 +247,7 @@ def _top_p_cases(rng):
         p = np.full(8192, 1 / 8192)
         for tp in (k / 8192, np.nextafter(k / 8192, 0), np.nextafter(k / 8192, 1)):
             yield p, tp
-    for s in (0.5, 2):                                 # top_p on the spec's own cumulative sums:
+    for s in (0.5, 2, 4):                              # top_p on the spec's own cumulative sums:
         p = softmax(rng.standard_normal(50257) * s)    # an estimate off by one rounding decides wrong
         cum = np.cumsum(np.sort(p)[::-1])
         for i in (3, 700, 20000, 45000):
