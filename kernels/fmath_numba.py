@@ -393,27 +393,59 @@ def renormalise_kept(p, kept):
     return out
 
 
+SELECT_BLOCK = 256                 # fmath.select's blocks
+
+
 @njit(cache=True, error_model="numpy", nogil=True)
 def select_index(p, u):
-    """fmath.select without its estimates: total = the sequential sum of p's positive
-    entries in id order, then the first id whose running sum exceeds u * total (the last
-    positive one if none does); select_reference's walk, so no estimate is needed. The
-    positive ids are compressed first, without a branch (a top_p-filtered p keeps a
-    random-looking subset, on which a branch per id mispredicts)."""
-    kept = np.arange(p.shape[0])
-    ids = _where(p, kept, 5e-324)                        # p > 0: p >= the least subnormal
-    if ids.shape[0] == 0:
+    """fmath.select, compiled (-1 when no p is positive): w = the positive entries in id
+    order (compressed without a branch, unless all are); the block sums, each our
+    eight-lane sum, estimate the running sums at block ends; the block where u * total
+    falls is walked in order from its estimated base. The estimate decides only when
+    u * total is farther from both sums around the crossing than any rounding
+    difference (fmath.select's margin), else the sequential walk over all of w, the
+    spec's (select_reference's) sums, decides."""
+    n = p.shape[0]
+    positive = 0
+    for i in range(n):
+        positive += p[i] > 0
+    if positive == 0:
         return -1
-    total = 0.0
-    for i in range(ids.shape[0]):
-        total += p[ids[i]]
-    x = u * total
-    c = 0.0
-    for i in range(ids.shape[0]):
-        c += p[ids[i]]
-        if c > x:
-            return ids[i]
-    return ids[ids.shape[0] - 1]
+    ids = np.arange(n)
+    if positive < n:
+        ids = _where(p, ids, 5e-324)                     # p > 0: p >= the least subnormal
+    w = p if positive == n else np.empty(positive, np.float64)
+    if positive < n:
+        for i in range(positive):
+            w[i] = p[ids[i]]
+    nb = -(-positive // SELECT_BLOCK)
+    ends = np.empty(nb, np.float64)
+    run = 0.0
+    for b in range(nb):
+        run += sum8(w[b * SELECT_BLOCK:(b + 1) * SELECT_BLOCK])
+        ends[b] = run
+    x = u * ends[nb - 1]
+    j = 0
+    while j < nb - 1 and not ends[j] > x:
+        j += 1
+    lo = base = ends[j - 1] if j else 0.0
+    k, hi = j * SELECT_BLOCK, base + w[j * SELECT_BLOCK]
+    end = min(positive, (j + 1) * SELECT_BLOCK)
+    while not hi > x and k < end - 1:
+        k += 1
+        lo, hi = hi, hi + w[k]
+    margin = 8.0 * positive * 2.0**-52 * ends[nb - 1]
+    if not (hi - x > margin and (x - lo > margin or k == 0)):
+        total = 0.0                                      # the spec's way: sequential, in id order
+        for i in range(positive):
+            total += w[i]
+        x, c, k = u * total, 0.0, positive - 1
+        for i in range(positive):
+            c += w[i]
+            if c > x:
+                k = i
+                break
+    return ids[k]
 
 
 # -- the same interface as kernels/fmath.py (NumPy arrays in, NumPy arrays out) ----------

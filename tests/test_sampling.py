@@ -172,6 +172,14 @@ def test_select_blocked_falls_back_exactly_at_boundaries(ops):
     c = np.cumsum(p)                                   # u * total exactly on a running sum
     for i in (0, 1, 4095, 8190):
         assert S.select(p, c[i] / c[-1], ops) == S.select_reference(p, c[i] / c[-1])
+    for s in (0.5, 3):                                 # and where block estimates round
+        p = S.softmax(np.random.default_rng(5).standard_normal(50257) * s)
+        p[::3] = 0.0                                   # as after top_p: zeros between kept ids
+        c = np.cumsum(p)
+        for i in (2, 301, 20000, 50254):
+            u0 = c[i] / c[-1]
+            for u in (u0, np.nextafter(u0, 0), np.nextafter(u0, 1)):
+                assert S.select(p, u, ops) == S.select_reference(p, u), (s, i, u)
 
 
 def _nucleus_by_sorting(pc, top_p):
