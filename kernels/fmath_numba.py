@@ -280,11 +280,11 @@ def _bucket(top, v):
 @njit(cache=True, error_model="numpy", nogil=True)
 def _crossing(p, ids, direct, top_p, pmax):
     """(decided, n_keep, last) of the nucleus rule from the values p[ids] alone (ids: a
-    set that holds every value above its smallest; with direct, all of p), by buckets: the mass of each bucket
-    of bits >> BUCKET_BITS, summed in id order, locates the bucket where the mass crosses
-    top_p; only that bucket's values are sorted. The masses are estimates: they decide
-    only when top_p is farther from both sums around the crossing than any rounding
-    difference (fmath.nucleus_by_buckets' margin)."""
+    set that holds every value above its smallest; with direct, all of p), by buckets:
+    the mass of each bucket of bits >> BUCKET_BITS, summed in id order, locates the
+    bucket where the mass crosses top_p; only that bucket's values are sorted. The
+    masses are estimates: they decide only when top_p is farther from both sums around
+    the crossing than any rounding difference (fmath.nucleus_by_buckets' margin)."""
     n = p.shape[0] if direct else ids.shape[0]
     top = bits_from_f64(pmax) >> BUCKET_BITS
     mass = np.zeros(BUCKETS, np.float64)
