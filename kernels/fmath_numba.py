@@ -411,11 +411,11 @@ def select_index(p, u):
         positive += p[i] > 0
     if positive == 0:
         return -1
-    ids = np.arange(n)
+    ids = np.empty(0, np.int64)                          # w's ids; none when w is p itself
+    w = p                                                # (top_p = 1: 31 -> 22.5 us a call)
     if positive < n:
-        ids = _where(p, ids, 5e-324)                     # p > 0: p >= the least subnormal
-    w = p if positive == n else np.empty(positive, np.float64)
-    if positive < n:
+        ids = _where(p, np.arange(n), 5e-324)            # p > 0: p >= the least subnormal
+        w = np.empty(positive, np.float64)
         for i in range(positive):
             w[i] = p[ids[i]]
     nb = -(-positive // SELECT_BLOCK)
@@ -445,7 +445,7 @@ def select_index(p, u):
             if c > x:
                 k = i
                 break
-    return ids[k]
+    return k if positive == n else ids[k]
 
 
 # -- the same interface as kernels/fmath.py (NumPy arrays in, NumPy arrays out) ----------
