@@ -187,9 +187,10 @@ def top_k(x: np.ndarray, k: int, positive: bool = False) -> list[int]:
 
 # -- select, and top_p's nucleus: no arithmetic beyond sequential sums and our sum; here
 # so that each backend brings its fast version (kernels/fmath_numba.py's select,
-# renormalise and top_p_keep: the same results, pinned by tests/test_fmath.py)
+# renormalise and top_p_keep, with these constants: the same results, pinned by
+# tests/test_fmath.py and tests/test_sampling.py)
 
-_BLOCK = 256
+SELECT_BLOCK = 256
 _EXACT_BELOW = 4096
 
 
@@ -211,20 +212,20 @@ def select(p: np.ndarray, u: float) -> int:
 
     if len(w) < _EXACT_BELOW:
         return at(_walk(np.cumsum(w), u))
-    nb = len(w) // _BLOCK
-    sums = w[: nb * _BLOCK].reshape(nb, _BLOCK).sum(axis=1)
-    if len(w) > nb * _BLOCK:
-        sums = np.append(sums, w[nb * _BLOCK:].sum())
+    nb = len(w) // SELECT_BLOCK
+    sums = w[: nb * SELECT_BLOCK].reshape(nb, SELECT_BLOCK).sum(axis=1)
+    if len(w) > nb * SELECT_BLOCK:
+        sums = np.append(sums, w[nb * SELECT_BLOCK:].sum())
     ends = np.cumsum(sums)                                  # approx cumsum at block ends
     x = u * ends[-1]
     j = min(int(np.searchsorted(ends, x, side="right")), len(ends) - 1)
     base = ends[j - 1] if j else 0.0
-    local = base + np.cumsum(w[j * _BLOCK:(j + 1) * _BLOCK])
+    local = base + np.cumsum(w[j * SELECT_BLOCK:(j + 1) * SELECT_BLOCK])
     k = min(int(np.searchsorted(local, x, side="right")), len(local) - 1)
     margin = 8.0 * len(w) * 2.0**-52 * ends[-1]             # >> any rounding difference
     lo = local[k - 1] if k else base
     if local[k] - x > margin and (x - lo > margin or (j == 0 and k == 0)):
-        return at(j * _BLOCK + k)
+        return at(j * SELECT_BLOCK + k)
     return at(_walk(np.cumsum(w), u))
 
 
@@ -242,7 +243,7 @@ def renormalise(p: np.ndarray, kept: np.ndarray) -> np.ndarray:
 
 
 _FRACTIONS = (2.0**-6, 2.0**-9, 2.0**-12, 2.0**-16, 2.0**-20, 2.0**-28, 2.0**-40, 0.0)
-_POOL = 2.0**-16
+POOL = 2.0**-16
 
 
 def top_p_keep(p: np.ndarray, top_p: float) -> np.ndarray:
@@ -262,11 +263,11 @@ def top_p_keep(p: np.ndarray, top_p: float) -> np.ndarray:
     as the spec says.
     """
     pmax = p.max()
-    pool = np.flatnonzero(p >= pmax * _POOL)
+    pool = np.flatnonzero(p >= pmax * POOL)
     in_pool = p[pool]
     pool_mass = in_pool.sum()
     for f in _FRACTIONS:          # (x[flatnonzero(mask)]: 3x faster than x[mask] here)
-        if f and f >= _POOL and pool_mass >= top_p - 1e-9:
+        if f and f >= POOL and pool_mass >= top_p - 1e-9:
             cand = pool[np.flatnonzero(in_pool >= pmax * f)]   # ascending ids, as flatnonzero's
         else:
             cand = np.flatnonzero(p >= pmax * f) if f else np.arange(len(p))
@@ -290,8 +291,8 @@ def top_p_keep(p: np.ndarray, top_p: float) -> np.ndarray:
     raise AssertionError("unreachable")
 
 
-_BUCKET_BITS = 45       # a float64's bits >> 45: its exponent and top 7 mantissa bits
-_BUCKETS = 8192         # buckets 2**-7 wide, the lowest holding everything farther down
+BUCKET_BITS = 45       # a float64's bits >> 45: its exponent and top 7 mantissa bits
+BUCKETS = 8192         # buckets 2**-7 wide, the lowest holding everything farther down
 _SORT_BELOW = 2048
 
 
@@ -299,7 +300,7 @@ def nucleus_by_buckets(pc: np.ndarray, top_p: float) -> tuple[int, float] | None
     """(n_keep, last) of the nucleus rule over the values pc: how many of them, sorted
     descending, have a mass before them < top_p, and the last one kept; sorting only the
     bucket of values where the mass crosses top_p. Positive floats order as their bits,
-    so buckets of bits >> _BUCKET_BITS hold value ranges in order, and equal values
+    so buckets of bits >> BUCKET_BITS hold value ranges in order, and equal values
     share one. The masses here are estimates (bincount's sums, not the sorted sequential
     sum the spec takes); they decide only when top_p is farther from both sums around
     the crossing than any rounding difference, else None (and the caller sorts all).
@@ -307,8 +308,8 @@ def nucleus_by_buckets(pc: np.ndarray, top_p: float) -> tuple[int, float] | None
     n = len(pc)
     if n < _SORT_BELOW or not top_p > 0:
         return None
-    key = (pc.view(np.uint64) >> np.uint64(_BUCKET_BITS)).astype(np.intp)
-    b = np.minimum(key.max() - key, _BUCKETS - 1)           # 0: the bucket of the largest
+    key = (pc.view(np.uint64) >> np.uint64(BUCKET_BITS)).astype(np.intp)
+    b = np.minimum(key.max() - key, BUCKETS - 1)           # 0: the bucket of the largest
     mass = np.cumsum(np.bincount(b, weights=pc))             # mass of buckets 0..j
     j = int(np.searchsorted(mass, top_p, side="left"))      # the bucket where it crosses
     if j == len(mass):

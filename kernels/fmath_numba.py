@@ -19,9 +19,9 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 
 from refcomplete.kernels import nrt_cache, require_package_name
-from refcomplete.kernels.fmath import (EXP_OVERFLOW, EXP_UNDERFLOW, INV_LN2, LG1, LG2, LG3, LG4,
-                                       LG5, LG6, LG7, LN2_HI, LN2_LO, MIN_NORMAL, P1, P2, P3, P4,
-                                       P5, TWO54)
+from refcomplete.kernels.fmath import (BUCKET_BITS, BUCKETS, EXP_OVERFLOW, EXP_UNDERFLOW, INV_LN2,
+                                       LG1, LG2, LG3, LG4, LG5, LG6, LG7, LN2_HI, LN2_LO, MIN_NORMAL,
+                                       P1, P2, P3, P4, P5, POOL, SELECT_BLOCK, TWO54)
 MAGIC_POW2 = 1023.0 + 2.0 ** 52
 
 require_package_name(__name__)
@@ -268,10 +268,6 @@ def top_k_ids(x, k, positive):
     return ids
 
 
-BUCKET_BITS, BUCKETS = 45, 8192    # fmath.nucleus_by_buckets' buckets: 2**-7 wide, the last all below
-POOL = 2.0**-16                    # fmath's pool: nearly all of a trained model's mass
-
-
 @njit(cache=True, error_model="numpy", inline="always")
 def _bucket(top, v):
     return min(top - (bits_from_f64(v) >> BUCKET_BITS), BUCKETS - 1)
@@ -391,9 +387,6 @@ def renormalise_kept(p, kept):
     for i in range(kept.shape[0]):
         out[kept[i]] = pk[i] / s
     return out
-
-
-SELECT_BLOCK = 256                 # fmath.select's blocks
 
 
 @njit(cache=True, error_model="numpy", nogil=True)

@@ -21,10 +21,10 @@ The order, written once (V = n_vocab; x is float64 [V] throughout):
                   cumulative sum exceeds u * total
 
 Each stage is `(x, state) -> x`; `run(z, state, trace=True)` also returns every
-intermediate. The fast paths (the backend's `top_p_keep`, kernels/fmath.py's the NumPy
-one, and `select`) never sort the whole vocabulary; `top_p_reference` and
+intermediate. The fast paths (the backend's `top_p_keep` and `select`: kernels/fmath.py
+and its compiled twin) never sort the whole vocabulary; `top_p_reference` and
 `select_reference` are their slow twins (the spec), pinned together in
-tests/test_sampling.py.
+tests/test_sampling.py and tests/test_fmath.py.
 
     >>> st = State(SamplingParams(temperature=1.0, top_p=0.5), counts={})
     >>> p, _ = run(fmath.log(np.array([0.1, 0.4, 0.3, 0.2])), st)
@@ -149,7 +149,8 @@ def select(p: np.ndarray, u: float, ops: ModuleType = fmath) -> int:
 
     `total` is the last cumulative sum (sequential, in id order), so p need not be
     normalised; tokens with p == 0 are never chosen. The backend's select (kernels/
-    fmath.py's estimates by blocks, or fmath_numba's sequential walk) always equals
+    fmath.py's, or its compiled twin in fmath_numba) estimates the sums by blocks and
+    walks in order where the estimate is too close to call: it always equals
     `select_reference`.
     """
     return ops.select(p, u)

@@ -75,7 +75,10 @@ def test_top_p_ties_break_by_ascending_id():
     assert np.flatnonzero(S.top_p(p, state(top_p=0.2))).tolist() == [0]
 
 
-@pytest.mark.parametrize("ops", [fmath, fmath_numba], ids=["numpy", "numba"])
+BACKENDS = pytest.mark.parametrize("ops", [fmath, fmath_numba], ids=["numpy", "numba"])
+
+
+@BACKENDS
 def test_select_walks_ascending_ids(ops):
     p = np.array([0.1, 0.4, 0.3, 0.2])
     assert [S.select(p, u, ops) for u in (0.0, 0.0999, 0.1, 0.49, 0.5, 0.79, 0.8, 0.9999)] == \
@@ -143,9 +146,6 @@ def test_top_p_fast_path_reaches_the_whole_vocabulary():
     out = S.top_p(p, state(top_p=0.5))
     assert np.array_equal(out, S.top_p_reference(p, 0.5))
     assert np.count_nonzero(out) == 25129
-
-
-BACKENDS = pytest.mark.parametrize("ops", [fmath, fmath_numba], ids=["numpy", "numba"])
 
 
 @BACKENDS
