@@ -80,8 +80,9 @@ def tile(x, k0, panel, acc, b, j, rows, turn, turns):
 def tile_pair(x, k0, panels, acc, b, j, turn, turns):
     """tile() of one row (b) over two adjacent panels at once, panels [2, kb, C], into
     acc[b, j:j + 2*C]: each k-step reads panel 0's row k, then panel 1's, into four
-    accumulator vectors on AVX2 (two streams a core, as OpenBLAS's GEMV walks several
-    columns). Each element's sum is tile()'s, bit for bit. The interpreted twin."""
+    accumulator vectors on AVX2, eight on AVX-512 (two streams a core, as OpenBLAS's
+    GEMV walks several columns). Each element's sum is tile()'s, bit for bit. The
+    interpreted twin."""
     for q in range(2):
         tile(x, k0, panels[q], acc, b, j + q * TILE_COLS, 1, turn, turns)
 
@@ -247,13 +248,15 @@ def _matmul_panel(x, wp, p, acc):
             tile(x, k0, blk, acc, b, 0, 1, i, tiles)
 
 
-# One row, AVX2: two panels at a time (tile_pair) instead of one. On a real AVX2 host (Zen
-# 3), whole batch-1 steps of the 124M shapes, one panel and two alternated in one process
-# (8 rounds of 40 steps, two runs), the same logits bit for bit: median of the medians
-# 19.83 -> 17.88 and 19.30 -> 16.91 ms, min 17.00 -> 15.59 and 17.04 -> 13.55; pairs for
-# the K = 768 linears only (not out's K = 3072): 17.21 (docs/benchmarks.md, ninth pass).
-# AVX-512 keeps one panel (64 columns, four zmm accumulators already): not measured there.
-PAIRS = not AVX512
+# One row: two panels at a time (tile_pair) instead of one, on both machine kinds. Whole
+# batch-1 steps of the 124M shapes, one panel and two alternated in one process (8 rounds
+# of 40 steps), the same logits bit for bit (docs/benchmarks.md, ninth and tenth passes):
+# AVX2 (Zen 3), two runs: median of the medians 19.83 -> 17.88 and 19.30 -> 16.91 ms, min
+# 17.00 -> 15.59 and 17.04 -> 13.55; pairs for the K = 768 linears only (not out's K =
+# 3072): 17.21. AVX-512 (Zen 4, 64-column panels: eight zmm accumulators), three runs:
+# 18.13 -> 17.60, 17.24 -> 15.76, 16.70 -> 15.53 ms; min 15.54 -> 14.69, 13.92 -> 14.05,
+# 15.55 -> 14.38.
+PAIRS = True
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -311,7 +314,7 @@ def _linear(x, wp, bias, out, tasks, epilogue):
     `epilogue` stored into out [B, N] (PLAIN), stored through gelu_new (GELU), or added to
     out (RESIDUAL). `tasks` tasks own a contiguous run of panels each; a task accumulates
     a panel's TILE_COLS columns for all B rows in its scratch, then applies the epilogue
-    row by row. One row on AVX2 goes two panels at a time (PAIRS), a task's run even."""
+    row by row. One row goes two panels at a time (PAIRS), a task's run even."""
     B = x.shape[0]
     N = out.shape[1]
     n_panels = wp.shape[0]

@@ -220,7 +220,7 @@ def test_register_tiles_equal_twin_bitwise(B, K):
 
 @pytest.mark.parametrize("K", [1, 16, 300, 2 * k.TILE_K + 5])
 def test_pair_tile_equals_two_single_panels_bitwise(K):
-    """One row over two adjacent panels at once (the AVX2 batch-1 path) gives each panel's
+    """One row over two adjacent panels at once (the batch-1 path) gives each panel's
     single-panel sums, bit for bit, and writes only its row's 2 x TILE_COLS accumulators.
     Under NUMBA_DISABLE_JIT=1 this pins tile_pair's interpreted twin."""
     from numba import njit
