@@ -24,8 +24,8 @@ logged, never detailed to the client).
 Only the models named at start are served: a request's `model` is a key into that
 mapping, never a path, so no request makes the server open a file. Generation runs
 in worker threads. Batched (the default of `serve`): requests run concurrently and every
-forward of a GPT-2 model goes to its batching.BatchingModel, whose scheduler thread steps
-the rows of all open requests together (the same bits as alone: batching.py). Serial
+forward of a GPT-2 model goes to its batching.BatchingModel, which steps the rows of all
+open requests together (the same bits as alone: batching.py). Serial
 (`serve --serial`, and Endpoint's default): one request's model call at a time, under a
 lock. A stream advances one chunk per thread hop, so a client that disconnects stops its
 generation at the next chunk; a non-streamed request checks before each forward that its
