@@ -440,7 +440,7 @@ def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000,
     import uvicorn
 
     def run(inbox=None, ready=None):
-        fixed_mmap_threshold()
+        fixed_malloc_thresholds()
         endpoint = load_endpoint(models, api_key, max_body, limits,
                                  HostPolicy.for_server(host, allowed_hosts), backend, serial,
                                  max_batch_rows)
@@ -501,26 +501,36 @@ def _worker_server(inbox):
 
 
 MMAP_THRESHOLD = 1 << 20   # bytes: one row's float64 logits (402 KB for GPT-2) stay below
+TRIM_THRESHOLD = 8 << 20   # bytes of free memory an arena keeps at its top
 
 
-def fixed_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
+def fixed_malloc_thresholds(threshold: int = MMAP_THRESHOLD, trim: int = TRIM_THRESHOLD) -> bool:
     """Keep glibc's mmap threshold fixed at 1 MiB, so that every larger block (a batch's
-    logits and activations) is mapped and returned to the system when freed.
+    logits and activations) is mapped and returned to the system when freed, and let each
+    arena keep up to 8 MiB free at its top.
 
-    glibc raises the threshold after each large free (up to 32 MiB), and then serves large
-    blocks from per-thread arenas, which concurrent request threads fragment: the server's
-    resident memory then climbed by about 10 MiB per 80 requests under 64 clients and
-    did not level off; with it fixed it stays flat (tests/test_server_load.py). At
+    glibc raises the mmap threshold after each large free (up to 32 MiB), and then serves
+    large blocks from per-thread arenas, which concurrent request threads fragment: the
+    server's resident memory then climbed by about 10 MiB per 80 requests under 64 clients
+    and did not level off; with it fixed it stays flat (tests/test_server_load.py). At
     glibc's initial 128 KiB, each row's float64 copies of its logits were mapped afresh
     and page-faulted at every step: 1,280 requests from 64 clients ran at 97 req/s
     (resident 264.7 -> 269.3 MiB over four rounds), at 1 MiB 122 req/s (288.6 -> 292.8
-    MiB). False where there is no glibc (nothing is changed)."""
+    MiB). Fixing the mmap threshold also fixes the trim threshold, at 128 KiB: each free
+    of a row's temporaries handed the arena's top back (brk, or MADV_DONTNEED in a thread's
+    arena), and the next step faulted it in again. One hard-case draw (T 0.8, top_p 0.9,
+    penalties, logprobs 5; bench/bench_sampling.py's) took 1.41 ms so, 0.38-0.50 ms with 8
+    MiB (glibc's own dynamic thresholds: 0.53); 32 streaming clients on the bundled model,
+    alternated in one run: 526 -> 596 tok/s (docs/benchmarks.md, tenth pass). False where
+    there is no glibc (nothing is changed)."""
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, threshold))        # M_MMAP_THRESHOLD
+        trimmed = libc.mallopt(-1, trim)                  # M_TRIM_THRESHOLD
+        mapped = libc.mallopt(-3, threshold)              # M_MMAP_THRESHOLD
+        return bool(trimmed and mapped)
     except (OSError, AttributeError):
         return False
 

@@ -19,6 +19,8 @@ import os
 import signal
 import socket
 import statistics
+import subprocess
+import sys
 import time
 
 import httpx
@@ -287,3 +289,41 @@ def test_restart_on_the_same_port():
             assert code in (0, -signal.SIGTERM) and took < 10, (code, srv.output()[-2000:])
             stalled.close()
             assert "Traceback" not in srv.output()
+
+
+STEP_FAULTS = r"""
+import resource, sys
+import numpy as np
+from refcomplete.server import fixed_malloc_thresholds
+if sys.argv[1] == "serve's":
+    assert fixed_malloc_thresholds()
+else:                                   # the mmap threshold alone, as before
+    import ctypes
+    assert ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)
+logits = np.zeros(50257, np.float32)
+def step():                             # a sampling step's temporaries: float64 [V] copies
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max())
+    return float((p / p.sum())[0])
+for _ in range(20):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(200):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_serve_keeps_a_steps_temporaries_resident():
+    """With serve's malloc settings, a sampling step's float64 temporaries (402 KB each)
+    are reused from the arena, not handed back and page-faulted in afresh every step
+    (server.fixed_malloc_thresholds); the mmap threshold alone faults ~100 pages a copy."""
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", STEP_FAULTS, mode], capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout)
+    steps = 200
+    assert faults("serve's") < steps                          # under one fault a step
+    assert faults("mmap threshold alone") > 50 * steps        # the case it guards against
