@@ -2,8 +2,11 @@
 
 Times decode.draw (the whole per-row step minus the model: pipeline, coin, select,
 logprobs) for a few request shapes with the backend's exp/log/sum, and prints the CPU's
-SIMD flags and the BLAS kernel (threadpoolctl).
-    python bench/bench_sampling.py [--backend numba|numpy]
+SIMD flags and the BLAS kernel (threadpoolctl). Every stage allocates its float64 [V]
+result (402 KB), so the figures depend on glibc's malloc settings: by default glibc's
+own (dynamic thresholds, as a script or notebook has them); --serve-malloc first applies
+`refcomplete serve`'s (server.fixed_malloc_thresholds).
+    python bench/bench_sampling.py [--backend numba|numpy] [--serve-malloc]
 """
 
 import argparse
@@ -30,14 +33,20 @@ CASES = {
 }
 ap = argparse.ArgumentParser()
 ap.add_argument("--backend", default="numba", choices=["numba", "numpy"])
+ap.add_argument("--serve-malloc", action="store_true", help="glibc malloc as `serve` sets it")
 args = ap.parse_args()
+if args.serve_malloc:
+    from refcomplete.server import fixed_malloc_thresholds
+    if not fixed_malloc_thresholds():
+        ap.error("--serve-malloc: no glibc malloc here")
 if args.backend == "numba":
     from refcomplete.kernels import fmath_numba as ops
 else:
     from refcomplete.kernels import fmath as ops
 
 
-print(f"numpy {np.__version__}, {platform.processor() or platform.machine()}, backend {args.backend}")
+print(f"numpy {np.__version__}, {platform.processor() or platform.machine()}, backend {args.backend}, "
+      f"malloc {'as serve sets it' if args.serve_malloc else 'glibc defaults'}")
 print(header())
 for info in threadpool_info():
     print(f"BLAS: {info.get('internal_api')} {info.get('version')} kernel={info.get('architecture')}"
