@@ -317,13 +317,20 @@ def _crossing(p, ids, direct, top_p, pmax):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _where(p, ids, floor):
-    """The ids (of ids, ascending) whose p >= floor, compressed without a branch."""
-    out = np.empty(ids.shape[0] + 1, np.int64)
+def _at_least(p, floor):
+    """The ids i, ascending, with p[i] >= floor: counted first, then compressed without a
+    branch into a buffer of that many (+1: the last id written is dropped), which stays in
+    L1 where a buffer of len(p) would stream 400 KB of stores (and np.arange(len(p)) as
+    many more)."""
+    n = p.shape[0]
+    count = 0
+    for i in range(n):
+        count += p[i] >= floor
+    out = np.empty(count + 1, np.int64)
     m = 0
-    for i in range(ids.shape[0]):
-        out[m] = ids[i]
-        m += p[ids[i]] >= floor
+    for i in range(n):
+        out[m] = i
+        m += p[i] >= floor
     return out[:m]
 
 
@@ -338,10 +345,10 @@ def top_p_keep_ids(p, top_p):
     pmax = p[0]
     for i in range(n):
         pmax = max(pmax, p[i])
-    ids, direct = np.arange(n), True                     # the set that decides: p[ids], or all of p
+    ids, direct = np.empty(0, np.int64), True            # the set that decides: p[ids], or all of p
     n_keep, last = 1, pmax
     if top_p > 0:
-        pool = _where(p, ids, pmax * POOL)
+        pool = _at_least(p, pmax * POOL)
         decided = False
         if 2 * pool.shape[0] < n:                        # a small pool: work in it alone
             decided, n_keep, last = _crossing(p, pool, False, top_p, pmax)
@@ -407,7 +414,7 @@ def select_index(p, u):
     ids = np.empty(0, np.int64)                          # w's ids; none when w is p itself
     w = p                                                # (top_p = 1: 31 -> 22.5 us a call)
     if positive < n:
-        ids = _where(p, np.arange(n), 5e-324)            # p > 0: p >= the least subnormal
+        ids = _at_least(p, 5e-324)                       # p > 0: p >= the least subnormal
         w = np.empty(positive, np.float64)
         for i in range(positive):
             w[i] = p[ids[i]]

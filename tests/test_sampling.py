@@ -86,6 +86,10 @@ def test_select_walks_ascending_ids(ops):
     assert S.select(np.array([0.0, 0.5, 0.0, 0.5]), 0.0, ops) == 1    # zero mass is never chosen
     assert S.select(np.array([0.5, 0.0, 0.5, 0.0]), 0.9999, ops) == 2  # nor after the last kept
     assert S.select(p * 3, 0.5, ops) == S.select(p, 0.5, ops)          # unnormalised is fine
+    tiny = np.zeros(50257)                                             # subnormal mass counts
+    tiny[[7, 40000]] = 5e-324, 1e-310
+    assert [S.select(tiny, u, ops) for u in (0.0, 0.9999)] == [7, 40000] == \
+        [S.select_reference(tiny, u) for u in (0.0, 0.9999)]
 
 
 def test_greedy_lowest_id_on_ties():
