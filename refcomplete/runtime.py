@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -40,6 +41,44 @@ BLOCK_WEIGHTS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.
                  "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
 # Those of them that are linear layers' weights, which go in the backend's packed layout.
 PACKED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Where packed weights go to be shared between processes (serve --workers N sets it in each
+# worker: one copy of them in memory, not N); None: each model packs its own, in memory.
+PACK_DIR: Path | None = None
+
+
+def shared_array(path: Path, shape, fill) -> np.ndarray:
+    """The float32 array of `shape` in the file at `path`, mapped shared (MAP_SHARED): the
+    page cache holds one copy for every process that maps it. The first caller creates it
+    (zeros, which fill(out) writes into) under an exclusive lock on the directory's `lock`
+    file, and renames it into place once complete; later callers find it and only map it."""
+    import fcntl
+    import mmap
+    import os
+
+    size = 4 * int(np.prod(shape))
+    if size == 0:
+        return np.zeros(shape, np.float32)
+    with open(path.parent / "lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)                  # released when the file closes
+        if not path.exists():
+            part = path.with_name(path.name + ".part")
+            with open(part, "w+b") as f:
+                if hasattr(os, "posix_fallocate"):        # a full disk is an OSError here,
+                    os.posix_fallocate(f.fileno(), 0, size)   # not a SIGBUS in fill()
+                else:
+                    f.truncate(size)                      # zeros, written only where filled
+                pages = mmap.mmap(f.fileno(), size)
+                out = np.frombuffer(pages, np.float32).reshape(shape)
+                fill(out)
+                del out
+                pages.close()
+            os.replace(part, path)
+    with open(path, "r+b") as f:
+        if os.fstat(f.fileno()).st_size != size:
+            raise ValueError(f"{path}: {os.fstat(f.fileno()).st_size} bytes, not the {size} "
+                             f"of a {shape} float32 array")
+        pages = mmap.mmap(f.fileno(), size)
+    return np.frombuffer(pages, np.float32).reshape(shape)
 
 
 def resolve_backend(backend: str | None) -> str:
@@ -99,14 +138,18 @@ class GPT2Model:
         p, k = checkpoint.params, kernels
         C, V = p.lm_head.shape[::-1]
         release_pages(p.lm_head)
-        self._head_w = np.zeros(k.packed_shape(C, V), np.float32)
-        for v0 in range(0, V, 4096):
-            block = p.lm_head[v0:v0 + 4096]
-            k.pack(block.T, self._head_w, v0)
-            release_pages(block)
+        self._sha256 = checkpoint.weights_sha256
+
+        def pack_head(out):
+            for v0 in range(0, V, 4096):
+                block = p.lm_head[v0:v0 + 4096]
+                k.pack(block.T, out, v0)
+                release_pages(block)
+        self._head_w = self._packed("lm_head", k.packed_shape(C, V), pack_head)
         self._head_b = np.zeros(V, np.float32)                           # [V]
-        self._block_w = tuple(tuple(self._pack(blk[name]) if name in PACKED else self._copy(blk[name])
-                                    for blk in p.blocks) for name in BLOCK_WEIGHTS)
+        self._block_w = tuple(tuple(self._pack(blk[name], f"h{i}.{name}") if name in PACKED
+                                    else self._copy(blk[name]) for i, blk in enumerate(p.blocks))
+                              for name in BLOCK_WEIGHTS)
         # The small tensors are copied too (0.5 MB): read in place, each read maps a window
         # of the file around it (fault-around), 10 MB of released weight pages in all.
         self._wpe, self._ln_f = self._copy(p.wpe), (self._copy(p.ln_f_weight), self._copy(p.ln_f_bias))
@@ -129,17 +172,29 @@ class GPT2Model:
         release_pages(w)
         return copy
 
-    def _pack(self, w: np.ndarray) -> np.ndarray:
+    def _pack(self, w: np.ndarray, key: str) -> np.ndarray:
         """A linear layer's w [K, N] in the backend's layout: the numpy backend takes w as it
         is; numba's is packed (a copy, made 256 rows at a time, each block's file pages
         released once copied, so that at most one block of them is resident beside it)."""
         if self.backend == "numpy":
             return w
-        packed = np.zeros(self._k.packed_shape(*w.shape), np.float32)
-        for k0 in range(0, w.shape[0], 256):
-            self._k.pack(w[k0:k0 + 256], packed[:, k0:k0 + 256])
-            release_pages(w[k0:k0 + 256])
-        return packed
+
+        def fill(out):
+            for k0 in range(0, w.shape[0], 256):
+                self._k.pack(w[k0:k0 + 256], out[:, k0:k0 + 256])
+                release_pages(w[k0:k0 + 256])
+        return self._packed(key, self._k.packed_shape(*w.shape), fill)
+
+    def _packed(self, key: str, shape, fill) -> np.ndarray:
+        """A float32 array of `shape`, zeros that fill(out) writes the packed weights into;
+        with a PACK_DIR (serve --workers), the same array in a file there, written by the
+        first process that gets to it and mapped by every one (shared_array)."""
+        if PACK_DIR is None:
+            out = np.zeros(shape, np.float32)
+            fill(out)
+            return out
+        name = f"{self._sha256[:16]}.{self.backend}.{'x'.join(map(str, shape))}.{key}"
+        return shared_array(PACK_DIR / name, shape, fill)
 
     @functools.cached_property
     def tokenizer(self):

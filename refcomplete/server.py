@@ -435,12 +435,16 @@ def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000,
     `guards.HostPolicy.for_server(host, allowed_hosts)` are answered. uvicorn runs its h11
     protocol (guards.h11_protocol: an over-long Content-Length is our 413). Requests are
     batched (batching.py) unless `serial`; `workers` > 1 runs that many such servers in
-    processes behind the port, the parent handing each one connections (workers.py).
-    Returns the exit status."""
+    processes behind the port, the parent handing each one connections (workers.py),
+    and sharing one copy of each model's packed weights (runtime.PACK_DIR: a temporary
+    directory, removed when the server stops). Returns the exit status."""
     import uvicorn
 
-    def run(inbox=None, ready=None):
+    def run(inbox=None, ready=None, packs=None):
         fixed_malloc_thresholds()
+        if packs is not None:
+            from refcomplete import runtime
+            runtime.PACK_DIR = packs
         endpoint = load_endpoint(models, api_key, max_body, limits,
                                  HostPolicy.for_server(host, allowed_hosts), backend, serial,
                                  max_batch_rows)
@@ -464,7 +468,16 @@ def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000,
 
     for spec in models:                           # a name that does not resolve: before forking
         resolve(spec.split("=", 1)[-1])
-    return run_workers(workers, host, port, run, say=lambda text: print(text, flush=True))
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    packs = Path(tempfile.mkdtemp(prefix="refcomplete-packed-"))
+    try:
+        return run_workers(workers, host, port, lambda inbox, ready: run(inbox, ready, packs),
+                           say=lambda text: print(text, flush=True))
+    finally:                                      # the parent's (a worker never returns)
+        shutil.rmtree(packs, ignore_errors=True)
 
 
 def _worker_server(inbox):

@@ -13,9 +13,9 @@ with 32 streaming clients on 2 cores; two one-thread workers served 2.95-3.21x
 depends on no other row, no thread count), so which worker answers changes no byte.
 
 How. The parent binds the port, then forks the workers before it imports Numba or loads
-a model (so no thread pool is copied mid-flight; each worker loads its own model, and
-with the numba backend its own packed copy of the weights: nothing of the model is
-shared between workers but the page cache of the file). Each
+a model (so no thread pool is copied mid-flight; each worker loads its own model; the
+numba backend's packed weights go to files that every worker maps, one copy for all:
+runtime.PACK_DIR, which server.serve sets up). Each
 worker gets cores / N threads (batch.thread_env), loads its models, reports ready, and
 waits; once all are ready the parent listens. The parent accepts every connection and
 sends its descriptor (SCM_RIGHTS) to the worker with the fewest open connections, which

@@ -136,3 +136,38 @@ def test_the_numba_backend_leaves_no_checkpoint_page_resident(tiny_dir):
         pytest.skip("no /proc/self/smaps here")
     assert rss == 0, f"{rss} KiB of the checkpoint still mapped"
     assert m.session([1, 2], 1, 1).prefill().shape == (1, m.n_vocab)
+
+
+def test_packed_weights_in_a_pack_dir_are_shared_and_change_no_bit(tiny_dir, tmp_path, monkeypatch):
+    """With runtime.PACK_DIR (serve --workers), the first model writes each packed weight
+    array to a file there and every later one maps that file (MAP_SHARED, one copy in the
+    page cache); the logits are those of a model that packed its own."""
+    import refcomplete.runtime as rt
+
+    ck = load_checkpoint(tiny_dir)
+    alone = GPT2Model(ck).session([5, 6, 7], rows=1, max_new_tokens=2)
+    want = np.concatenate([alone.prefill(), alone.step([0], [9])])
+    monkeypatch.setattr(rt, "PACK_DIR", tmp_path)
+    first = GPT2Model(load_checkpoint(tiny_dir))
+    files = sorted(p for p in tmp_path.iterdir() if p.name != "lock")
+    n_packed = 1 + len(rt.PACKED) * first.config.n_layer if first.backend == "numba" else 1
+    assert len(files) == n_packed and not [p for p in files if p.suffix == ".part"]
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    second = GPT2Model(load_checkpoint(tiny_dir))
+    assert {p: p.stat().st_mtime_ns for p in files} == stamps          # mapped, not rewritten
+    for m in (first, second):
+        s = m.session([5, 6, 7], rows=1, max_new_tokens=2)
+        assert np.array_equal(np.concatenate([s.prefill(), s.step([0], [9])]), want)
+    a, b = first._head_w.reshape(-1), second._head_w.reshape(-1)       # views of the mappings
+    b[0] += 1.0                                                         # one copy: both see it
+    assert a[0] == b[0]
+
+
+def test_a_pack_file_of_the_wrong_size_is_refused(tmp_path):
+    from refcomplete.runtime import shared_array
+
+    (tmp_path / "w").write_bytes(b"\0" * 12)
+    with pytest.raises(ValueError, match="12 bytes, not the 16"):
+        shared_array(tmp_path / "w", (2, 2), lambda out: None)
+    got = shared_array(tmp_path / "v", (2, 3), lambda out: out.__setitem__((1, 2), 5.0))
+    assert got.tolist() == [[0, 0, 0], [0, 0, 5]]

@@ -175,3 +175,29 @@ def test_a_taken_port_is_an_error():
     assert r.returncode == 3, r.stdout + r.stderr
     assert f"127.0.0.1:{port}" in r.stderr and "in use" in r.stderr
 
+
+
+def _pack_mappings(pid: int) -> set[tuple[str, str]]:
+    """(inode, path) of the packed-weight files (runtime.PACK_DIR) process `pid` maps."""
+    out = set()
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 6 and "refcomplete-packed-" in fields[5]:
+                out.add((fields[4], fields[5]))
+    return out
+
+
+def test_workers_map_one_shared_copy_of_the_packed_weights():
+    """Each worker maps the same files of packed weights (one copy in memory for both, not
+    one each), the two answer alike, and the files go when the server stops."""
+    with serve_process(MODEL, flags=FAST) as srv:
+        kids = worker_pids(srv)
+        maps = [_pack_mappings(p) for p in kids]
+        assert len(maps[0]) == 1 + 4 * 8 and maps[0] == maps[1], maps   # LM head + 4 per layer
+        folder = os.path.dirname(next(iter(maps[0]))[1])
+        assert os.path.isdir(folder)
+        out = asyncio.run(send_all(srv.url, JOBS, 8))          # the same two jobs, 16 times
+        assert all(out[i] == out[i % 2] for i in out)
+        assert srv.stop() == 0
+    assert not os.path.exists(folder)
