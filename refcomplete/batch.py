@@ -194,13 +194,17 @@ def run_serial(items: Iterable[Item], completions) -> Iterator[tuple]:
         yield item, item.ready or answer(completions, item.body)
 
 
-def _pool_init(parent: int, backend: str | None) -> None:
-    """In each worker: one Completions (models load once, on first use), and an exit when
-    the parent dies (a killed run must not leave workers behind)."""
+def _pool_init(parent: int, backend: str | None, packs: str | None = None) -> None:
+    """In each worker: one Completions (models load once, on first use, their packed
+    weights shared through `packs`: runtime.PACK_DIR), and an exit when the parent dies (a
+    killed run must not leave workers behind)."""
     import functools
+    from pathlib import Path
 
+    from refcomplete import runtime
     from refcomplete.completions import Completions, registry_loader
     global _worker_completions
+    runtime.PACK_DIR = Path(packs) if packs else None
     _worker_completions = Completions(functools.partial(registry_loader, backend=backend))
 
     def watch():
@@ -234,19 +238,27 @@ def run_pool(items: Iterable[Item], workers: int, backend: str | None,
              window: int | None = None) -> Iterator[tuple]:
     """`workers` spawned processes; at most `window` results held back waiting for an earlier
     line, so memory stays bounded however long the input. A worker that dies stops the run
-    (BrokenProcessPool) with every line before it written: rerun to resume."""
+    (BrokenProcessPool) with every line before it written: rerun to resume. The workers
+    hold one copy of each model's packed weights between them (runtime.PACK_DIR, a
+    temporary directory removed at the end)."""
     import multiprocessing
+    import shutil
+    import tempfile
     from concurrent.futures import ProcessPoolExecutor
 
     window = window or 4 * workers
     env = thread_env(workers)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    packs = tempfile.mkdtemp(prefix="refcomplete-packed-")
     try:   # processes start on these first submits, so they inherit `env`
         pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
-                                   initializer=_pool_init, initargs=(os.getpid(), backend))
+                                   initializer=_pool_init, initargs=(os.getpid(), backend, packs))
         for _ in range(workers):
             pool.submit(os.getpid)
+    except BaseException:
+        shutil.rmtree(packs, ignore_errors=True)
+        raise
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -263,6 +275,7 @@ def run_pool(items: Iterable[Item], workers: int, backend: str | None,
             yield head, head.ready or future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(packs, ignore_errors=True)
 
 
 # --- the run ----------------------------------------------------------------------------

@@ -155,6 +155,31 @@ def test_pool_window_keeps_order_with_a_window_of_one():
     assert got == [f"req-{i}" for i in range(5)]
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the workers' /proc maps")
+def test_pool_workers_map_one_copy_of_the_packed_weights(tmp_path, monkeypatch):
+    """run_pool's workers share each packed weight array through one file (runtime.PACK_DIR
+    in a temporary directory) and the directory goes when the run ends."""
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    items = [batch.parse_line(i + 1, x.encode(), set()) for i, x in enumerate(reproducible(32, 3))]
+    run = batch.run_pool(iter(items), 2, None)    # 8 lines in flight: both workers get some
+    next(run)
+    folders = list(tmp_path.glob("refcomplete-packed-*"))
+    assert len(folders) == 1
+    mapped = {}
+    while len(mapped) < 2:                        # until both workers have loaded the model
+        assert next(run, None) is not None, f"one worker answered every line: {mapped}"
+        for pid in _children(os.getpid()):
+            with open(f"/proc/{pid}/maps") as f:
+                files = {line.split()[5] for line in f if str(folders[0]) in line}
+            if files:
+                mapped[pid] = files
+    a, b = mapped.values()
+    assert a == b and len(a) == 1 + 4 * 8          # the LM head + four linears a layer
+    list(run)
+    assert not folders[0].exists()
+
+
 def _children(pid):
     kids = []
     for d in os.listdir("/proc"):
