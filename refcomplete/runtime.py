@@ -138,7 +138,7 @@ class GPT2Model:
         p, k = checkpoint.params, kernels
         C, V = p.lm_head.shape[::-1]
         release_pages(p.lm_head)
-        self._sha256 = checkpoint.weights_sha256
+        self.weights_sha256 = checkpoint.weights_sha256                  # names shared packs
 
         def pack_head(out):
             for v0 in range(0, V, 4096):
@@ -162,7 +162,6 @@ class GPT2Model:
         self.n_vocab = self.config.n_vocab
         self.n_ctx = self.config.n_ctx
         self.eot_id = EOT_ID
-        self.weights_sha256 = checkpoint.weights_sha256
 
     def _copy(self, w: np.ndarray) -> np.ndarray:
         """w in memory of its own, its file pages released (the numpy backend: w itself)."""
@@ -193,7 +192,7 @@ class GPT2Model:
             out = np.zeros(shape, np.float32)
             fill(out)
             return out
-        name = f"{self._sha256[:16]}.{self.backend}.{'x'.join(map(str, shape))}.{key}"
+        name = f"{self.weights_sha256[:16]}.{self.backend}.{'x'.join(map(str, shape))}.{key}"
         return shared_array(PACK_DIR / name, shape, fill)
 
     @functools.cached_property
