@@ -62,17 +62,21 @@ def shared_array(path: Path, shape, fill) -> np.ndarray:
         fcntl.flock(lock, fcntl.LOCK_EX)                  # released when the file closes
         if not path.exists():
             part = path.with_name(path.name + ".part")
-            with open(part, "w+b") as f:
-                if hasattr(os, "posix_fallocate"):        # a full disk is an OSError here,
-                    os.posix_fallocate(f.fileno(), 0, size)   # not a SIGBUS in fill()
-                else:
-                    f.truncate(size)                      # zeros, written only where filled
-                pages = mmap.mmap(f.fileno(), size)
-                out = np.frombuffer(pages, np.float32).reshape(shape)
-                fill(out)
-                del out
-                pages.close()
-            os.replace(part, path)
+            try:
+                with open(part, "w+b") as f:
+                    if hasattr(os, "posix_fallocate"):    # a full disk is an OSError here,
+                        os.posix_fallocate(f.fileno(), 0, size)   # not a SIGBUS in fill()
+                    else:
+                        f.truncate(size)                  # zeros, written only where filled
+                    pages = mmap.mmap(f.fileno(), size)
+                    out = np.frombuffer(pages, np.float32).reshape(shape)
+                    fill(out)
+                    del out
+                    pages.close()
+                os.replace(part, path)
+            except BaseException:
+                part.unlink(missing_ok=True)
+                raise
     with open(path, "r+b") as f:
         if os.fstat(f.fileno()).st_size != size:
             raise ValueError(f"{path}: {os.fstat(f.fileno()).st_size} bytes, not the {size} "
@@ -188,12 +192,18 @@ class GPT2Model:
         """A float32 array of `shape`, zeros that fill(out) writes the packed weights into;
         with a PACK_DIR (serve --workers), the same array in a file there, written by the
         first process that gets to it and mapped by every one (shared_array)."""
-        if PACK_DIR is None:
-            out = np.zeros(shape, np.float32)
-            fill(out)
-            return out
-        name = f"{self.weights_sha256[:16]}.{self.backend}.{'x'.join(map(str, shape))}.{key}"
-        return shared_array(PACK_DIR / name, shape, fill)
+        if PACK_DIR is not None:
+            name = f"{self.weights_sha256[:16]}.{self.backend}.{'x'.join(map(str, shape))}.{key}"
+            try:
+                return shared_array(PACK_DIR / name, shape, fill)
+            except OSError as exc:            # a full or unwritable disk: a copy of our own
+                import logging
+                logging.getLogger(__name__).warning(
+                    "packed weights not shared (%s: %s); this process holds its own copy",
+                    PACK_DIR, exc.strerror or exc)
+        out = np.zeros(shape, np.float32)
+        fill(out)
+        return out
 
     @functools.cached_property
     def tokenizer(self):

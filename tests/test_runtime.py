@@ -171,3 +171,24 @@ def test_a_pack_file_of_the_wrong_size_is_refused(tmp_path):
         shared_array(tmp_path / "w", (2, 2), lambda out: None)
     got = shared_array(tmp_path / "v", (2, 3), lambda out: out.__setitem__((1, 2), 5.0))
     assert got.tolist() == [[0, 0, 0], [0, 0, 5]]
+
+
+def test_a_pack_dir_that_cannot_hold_the_weights_falls_back_to_a_copy(tiny_dir, tmp_path,
+                                                                       monkeypatch, caplog):
+    """A full disk under PACK_DIR (posix_fallocate fails) costs the sharing, not the load:
+    the model packs its own copy, says so, and computes the same bits."""
+    import errno
+    import os
+
+    import refcomplete.runtime as rt
+
+    want = GPT2Model(load_checkpoint(tiny_dir)).session([5, 6], rows=1, max_new_tokens=1).prefill()
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    monkeypatch.setattr(rt, "PACK_DIR", tmp_path)
+    m = GPT2Model(load_checkpoint(tiny_dir))
+    assert "packed weights not shared" in caplog.text and "No space left" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == ["lock"]              # nothing half-made
+    assert np.array_equal(m.session([5, 6], rows=1, max_new_tokens=1).prefill(), want)
