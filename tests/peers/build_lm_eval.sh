@@ -15,7 +15,7 @@ if ! {
     "$venv/bin/python" -m pip install --upgrade 'pip>=24' &&
     timeout 900 "$venv/bin/python" -m pip install torch==2.13.0 &&
     timeout 900 "$venv/bin/python" -m pip install -c "$here/lm-eval-constraints.txt" \
-        'lm-eval[api]==0.4.13' 'transformers>=5.0,<5.40' 'accelerate>=0.26'
+        'lm-eval[api]==0.4.13' 'transformers>=5.0,<5.25' 'accelerate>=0.26'
 } >"$log" 2>&1; then
     echo "lm-eval install FAILED after $(( $(date +%s) - start )) s; last 40 lines of $log:" >&2
     tail -n 40 "$log" >&2
