@@ -239,26 +239,27 @@ def run_pool(items: Iterable[Item], workers: int, backend: str | None,
     """`workers` spawned processes; at most `window` results held back waiting for an earlier
     line, so memory stays bounded however long the input. A worker that dies stops the run
     (BrokenProcessPool) with every line before it written: rerun to resume. The workers
-    hold one copy of each model's packed weights between them (runtime.PACK_DIR, a
-    temporary directory removed at the end)."""
+    hold one copy of each model's packed weights between them (runtime.shared_packs: a
+    temporary PACK_DIR, removed at the end)."""
+    from refcomplete.runtime import shared_packs
+
+    with shared_packs() as packs:
+        yield from _pool_results(items, workers, backend, window or 4 * workers, packs)
+
+
+def _pool_results(items: Iterable[Item], workers: int, backend: str | None, window: int,
+                  packs) -> Iterator[tuple]:
     import multiprocessing
-    import shutil
-    import tempfile
     from concurrent.futures import ProcessPoolExecutor
 
-    window = window or 4 * workers
     env = thread_env(workers)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    packs = tempfile.mkdtemp(prefix="refcomplete-packed-")
     try:   # processes start on these first submits, so they inherit `env`
-        pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
-                                   initializer=_pool_init, initargs=(os.getpid(), backend, packs))
+        pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=_pool_init,
+                                   initargs=(os.getpid(), backend, str(packs)))
         for _ in range(workers):
             pool.submit(os.getpid)
-    except BaseException:
-        shutil.rmtree(packs, ignore_errors=True)
-        raise
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -275,7 +276,6 @@ def run_pool(items: Iterable[Item], workers: int, backend: str | None,
             yield head, head.ready or future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(packs, ignore_errors=True)
 
 
 # --- the run ----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ pin this runtime to.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from pathlib import Path
@@ -44,6 +45,20 @@ PACKED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 # Where packed weights go to be shared between processes (serve --workers N sets it in each
 # worker: one copy of them in memory, not N); None: each model packs its own, in memory.
 PACK_DIR: Path | None = None
+
+
+@contextlib.contextmanager
+def shared_packs():
+    """A fresh temporary directory to be the PACK_DIR of processes started inside the
+    block (server.serve's workers, batch.run_pool's); removed, with its packs, on exit."""
+    import shutil
+    import tempfile
+
+    packs = Path(tempfile.mkdtemp(prefix="refcomplete-packed-"))
+    try:
+        yield packs
+    finally:
+        shutil.rmtree(packs, ignore_errors=True)
 
 
 def shared_array(path: Path, shape, fill) -> np.ndarray:
@@ -143,6 +158,7 @@ class GPT2Model:
         C, V = p.lm_head.shape[::-1]
         release_pages(p.lm_head)
         self.weights_sha256 = checkpoint.weights_sha256                  # names shared packs
+        self._pack_dir = PACK_DIR
 
         def pack_head(out):
             for v0 in range(0, V, 4096):
@@ -192,15 +208,16 @@ class GPT2Model:
         """A float32 array of `shape`, zeros that fill(out) writes the packed weights into;
         with a PACK_DIR (serve --workers), the same array in a file there, written by the
         first process that gets to it and mapped by every one (shared_array)."""
-        if PACK_DIR is not None:
+        if self._pack_dir is not None:
             name = f"{self.weights_sha256[:16]}.{self.backend}.{'x'.join(map(str, shape))}.{key}"
             try:
-                return shared_array(PACK_DIR / name, shape, fill)
-            except OSError as exc:            # a full or unwritable disk: a copy of our own
+                return shared_array(self._pack_dir / name, shape, fill)
+            except OSError as exc:            # a full or unwritable disk: copies of our own
                 import logging
                 logging.getLogger(__name__).warning(
                     "packed weights not shared (%s: %s); this process holds its own copy",
-                    PACK_DIR, exc.strerror or exc)
+                    self._pack_dir, exc.strerror or exc)
+                self._pack_dir = None         # for the rest of this model's weights too
         out = np.zeros(shape, np.float32)
         fill(out)
         return out

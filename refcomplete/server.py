@@ -468,16 +468,11 @@ def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000,
 
     for spec in models:                           # a name that does not resolve: before forking
         resolve(spec.split("=", 1)[-1])
-    import shutil
-    import tempfile
-    from pathlib import Path
+    from refcomplete.runtime import shared_packs
 
-    packs = Path(tempfile.mkdtemp(prefix="refcomplete-packed-"))
-    try:
+    with shared_packs() as packs:                 # the parent's exit (a worker never returns)
         return run_workers(workers, host, port, lambda inbox, ready: run(inbox, ready, packs),
                            say=lambda text: print(text, flush=True))
-    finally:                                      # the parent's (a worker never returns)
-        shutil.rmtree(packs, ignore_errors=True)
 
 
 def _worker_server(inbox):

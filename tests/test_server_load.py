@@ -308,7 +308,7 @@ def step():                             # a sampling step's temporaries: float64
 for _ in range(20):
     step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(200):
+for _ in range(int(sys.argv[2])):
     step()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -319,11 +319,12 @@ def test_serve_keeps_a_steps_temporaries_resident():
     """With serve's malloc settings, a sampling step's float64 temporaries (402 KB each)
     are reused from the arena, not handed back and page-faulted in afresh every step
     (server.fixed_malloc_thresholds); the mmap threshold alone faults ~100 pages a copy."""
+    steps = 200
+
     def faults(mode):
-        out = subprocess.run([sys.executable, "-c", STEP_FAULTS, mode], capture_output=True,
-                             text=True, timeout=120)
+        out = subprocess.run([sys.executable, "-c", STEP_FAULTS, mode, str(steps)],
+                             capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         return int(out.stdout)
-    steps = 200
     assert faults("serve's") < steps                          # under one fault a step
     assert faults("mmap threshold alone") > 50 * steps        # the case it guards against
