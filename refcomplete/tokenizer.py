@@ -80,14 +80,17 @@ class Tokenizer:
         self.encoding = tiktoken.Encoding(
             name="r50k_base",
             pat_str=R50K_PAT_STR,
-            mergeable_ranks=load_ranks(self.path),
+            mergeable_ranks=(ranks := load_ranks(self.path)),
             special_tokens={ENDOFTEXT: EOT_ID},
             explicit_n_vocab=N_VOCAB,
         )
         self.n_vocab = N_VOCAB
         self.eot_id = EOT_ID
-        self._bytes = [self.encoding.decode_single_token_bytes(i) for i in range(N_VOCAB)]
-        self._display = [display(b) for b in self._bytes]
+        self._bytes = [b""] * N_VOCAB                   # id -> bytes: the ranks inverted
+        for token, rank in ranks.items():
+            self._bytes[rank] = token
+        self._bytes[EOT_ID] = ENDOFTEXT.encode()
+        self._display = None                             # made on first use (logprobs only)
 
     def encode(self, text: str) -> list[int]:
         """Encode text; the literal `<|endoftext|>` becomes id 50256 (SEMANTICS 6)."""
@@ -98,6 +101,8 @@ class Tokenizer:
 
     def display(self, token: int) -> str:
         """Display string of one token id for the logprobs object."""
+        if self._display is None:
+            self._display = [display(b) for b in self._bytes]
         return self._display[token]
 
     def decode_bytes(self, tokens) -> bytes:

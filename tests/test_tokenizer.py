@@ -33,6 +33,12 @@ def test_ranks_match_tiktoken_loader(monkeypatch):
     assert tiktoken.load.load_tiktoken_bpe(str(RANKS), expected_hash=R50K_SHA256) == load_ranks(RANKS)
 
 
+def test_token_bytes_are_tiktokens(tok):
+    # our id -> bytes table is the ranks inverted: every id as tiktoken decodes it
+    assert [tok.token_bytes(i) for i in range(tok.n_vocab)] == \
+        [tok.encoding.decode_single_token_bytes(i) for i in range(tok.n_vocab)]
+
+
 def test_display_strings(tok):
     ids = tok.encode("\u2019")                      # right single quote: one char, two tokens
     assert ids == [447, 247]
