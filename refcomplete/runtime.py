@@ -47,18 +47,56 @@ PACKED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 PACK_DIR: Path | None = None
 
 
+PACKS_PREFIX = "refcomplete-packed-"
+
+
 @contextlib.contextmanager
 def shared_packs():
     """A fresh temporary directory to be the PACK_DIR of processes started inside the
-    block (server.serve's workers, batch.run_pool's); removed, with its packs, on exit."""
+    block (server.serve's workers, batch.run_pool's); removed, with its packs, on exit.
+
+    A process killed inside the block (SIGKILL, a crash) cannot remove its directory, a
+    copy of the packed weights (about 500 MB for GPT-2 124M). So the directory holds an
+    `owner` file, locked (flock) while the block runs: the lock lives as long as the
+    owner and the processes it started, whatever their pid namespace. Each new block first
+    removes the directories whose owner lock it can take (sweep_stale_packs). The
+    directory is made under another name and renamed once locked, so a sweep never
+    meets one that is not locked yet."""
+    import fcntl
+    import os
     import shutil
     import tempfile
 
-    packs = Path(tempfile.mkdtemp(prefix="refcomplete-packed-"))
-    try:
-        yield packs
-    finally:
-        shutil.rmtree(packs, ignore_errors=True)
+    root = Path(tempfile.gettempdir())
+    sweep_stale_packs(root)
+    making = Path(tempfile.mkdtemp(prefix="." + PACKS_PREFIX, dir=root))
+    with open(making / "owner", "w") as owner:
+        fcntl.flock(owner, fcntl.LOCK_EX)                 # released when every holder exits
+        packs = root / making.name[1:]
+        os.rename(making, packs)
+        try:
+            yield packs
+        finally:
+            shutil.rmtree(packs, ignore_errors=True)
+
+
+def sweep_stale_packs(root: Path) -> list[Path]:
+    """Remove the shared_packs directories under `root` that no live process holds (their
+    `owner` lock can be taken); return them. Others' directories that this user may not
+    open or remove are left alone."""
+    import fcntl
+    import shutil
+
+    gone = []
+    for packs in root.glob(PACKS_PREFIX + "*"):
+        try:
+            with open(packs / "owner", "r") as owner:
+                fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(packs, ignore_errors=True)   # still locked: no block starts here
+        except OSError:                                   # held (alive), not ours, no owner file
+            continue
+        gone.append(packs)
+    return gone
 
 
 def shared_array(path: Path, shape, fill) -> np.ndarray:

@@ -1,5 +1,8 @@
 """The KV-cache runtime against the NumPy reference forward, and its batch invariance."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -161,6 +164,45 @@ def test_packed_weights_in_a_pack_dir_are_shared_and_change_no_bit(tiny_dir, tmp
     a, b = first._head_w.reshape(-1), second._head_w.reshape(-1)       # views of the mappings
     b[0] += 1.0                                                         # one copy: both see it
     assert a[0] == b[0]
+
+
+OWNER = """import sys, time
+from refcomplete.runtime import shared_packs
+with shared_packs() as packs:
+    (packs / "w").write_bytes(b"x")
+    print(packs, flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="shared_packs locks with flock")
+def test_the_pack_dir_of_a_killed_owner_is_swept_by_the_next_one(tmp_path, monkeypatch):
+    """A process SIGKILLed inside shared_packs leaves its directory behind; the next
+    shared_packs removes it, and leaves a live owner's directory (and its files) alone."""
+    import os
+    import subprocess
+    import tempfile
+
+    from refcomplete.runtime import shared_packs, sweep_stale_packs
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    owners = [subprocess.Popen([sys.executable, "-c", OWNER], env=env, stdout=subprocess.PIPE,
+                               text=True) for _ in range(2)]
+    try:
+        live_dir, dead_dir = (Path(p.stdout.readline().strip()) for p in owners)
+        owners[1].kill()
+        owners[1].wait()
+        assert dead_dir.is_dir() and (dead_dir / "w").exists()     # nobody removed it
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+        with shared_packs() as mine:
+            assert sorted(tmp_path.iterdir()) == sorted([live_dir, mine])
+            assert (live_dir / "w").read_bytes() == b"x"
+            assert sweep_stale_packs(tmp_path) == []                # both held
+    finally:
+        for p in owners:
+            p.kill()
+            p.wait()
+    assert sweep_stale_packs(tmp_path) == [live_dir] and list(tmp_path.iterdir()) == []
 
 
 def test_a_pack_file_of_the_wrong_size_is_refused(tmp_path):
