@@ -77,10 +77,11 @@ class Tokenizer:
 
     def __init__(self, ranks_path: Path):
         self.path = Path(ranks_path)
+        ranks = load_ranks(self.path)
         self.encoding = tiktoken.Encoding(
             name="r50k_base",
             pat_str=R50K_PAT_STR,
-            mergeable_ranks=(ranks := load_ranks(self.path)),
+            mergeable_ranks=ranks,
             special_tokens={ENDOFTEXT: EOT_ID},
             explicit_n_vocab=N_VOCAB,
         )
