@@ -227,11 +227,11 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def thread_env(workers: int) -> dict:
+def thread_env(workers: int, names: tuple[str, ...] = THREAD_VARS) -> dict:
     """Thread-pool sizes for one of `workers` processes sharing this process's cores (only
     those the user has not set): one threading owner per core, never oversubscribed."""
     per = str(max(1, usable_cores() // workers))
-    return {k: per for k in THREAD_VARS if k not in os.environ}
+    return {k: per for k in names if k not in os.environ}
 
 
 def run_pool(items: Iterable[Item], workers: int, backend: str | None,

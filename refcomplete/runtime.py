@@ -176,6 +176,7 @@ class GPT2Model:
             from refcomplete.kernels import gpt2_numpy as kernels
             self._set_threads = lambda n: None
             self._threads = 1
+        self.thread_share = None            # f(threads) -> threads a forward may use now
         self._k = kernels
         self.ops = ops                      # exp, log, sum for sampling: the same bits either way
         # Threads: a narrow model's layers run on one for a few rows, their kernels being
@@ -289,7 +290,7 @@ class GPT2Model:
         values into k_row (L x [R, H, D, S]) and v_row (L x [R, H, S, D]). The layer loop
         is the kernels' `blocks` (one compiled call; gpt2_numpy.blocks reads the same)."""
         B, C = x.shape
-        tasks = self._threads if self._wide or B * C >= 1024 else 1
+        tasks = self._threads_now() if self._wide or B * C >= 1024 else 1
         with FORWARD_LOCK:
             self._set_threads(tasks)
             return self._k.blocks(x, self._block_w, self.config.layer_norm_epsilon,
@@ -301,10 +302,19 @@ class GPT2Model:
         h = np.empty_like(x)
         out = np.empty((x.shape[0], self.n_vocab), np.float32)
         with FORWARD_LOCK:
-            self._set_threads(self._threads)
+            threads = self._threads_now()
+            self._set_threads(threads)
             k.layer_norm(x, *self._ln_f, cfg.layer_norm_epsilon, h)
-            k.linear(h, self._head_w, self._head_b, out, self._threads)
+            k.linear(h, self._head_w, self._head_b, out, threads)
         return out
+
+    def _threads_now(self) -> int:
+        """Threads for this forward: all of the backend's, or the share `thread_share`
+        grants (serve --workers: the cores split between the workers busy now). Never
+        changes a value."""
+        if self.thread_share is None:
+            return self._threads
+        return max(1, min(self._threads, self.thread_share(self._threads)))
 
 
 class Session:

@@ -449,7 +449,10 @@ def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000,
                                  HostPolicy.for_server(host, allowed_hosts), backend, serial,
                                  max_batch_rows)
         big = too_large(max_body)
-        config = uvicorn.Config(create_app(endpoint, body_timeout), host=host, port=port,
+        app = create_app(endpoint, body_timeout)
+        if inbox is not None:                     # one of --workers: share the cores
+            app = _sharing_cores(app, endpoint, inbox)
+        config = uvicorn.Config(app, host=host, port=port,
                                 log_level=log_level, access_log=False,
                                 timeout_graceful_shutdown=shutdown_timeout,
                                 http=h11_protocol(big.status, big.headers, big.body))
@@ -473,6 +476,26 @@ def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000,
     with shared_packs() as packs:                 # the parent's exit (a worker never returns)
         return run_workers(workers, host, port, lambda inbox, ready: run(inbox, ready, packs),
                            say=lambda text: print(text, flush=True))
+
+
+def _sharing_cores(app, endpoint: Endpoint, inbox):
+    """One worker's app and models: the app counts its requests in flight in the shared
+    array (workers.Inbox.begin, end), and every forward of its GPT-2 models takes the
+    threads Inbox.share grants then (the same bits on any number of threads)."""
+    for model in endpoint.models.values():
+        model = getattr(model, "_model", model)            # a BatchingModel's GPT2Model
+        if hasattr(model, "thread_share"):
+            model.thread_share = inbox.share
+
+    async def counted(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        inbox.begin()
+        try:
+            await app(scope, receive, send)
+        finally:
+            inbox.end()
+    return counted
 
 
 def _worker_server(inbox):

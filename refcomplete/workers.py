@@ -16,7 +16,9 @@ How. The parent binds the port, then forks the workers before it imports Numba o
 a model (so no thread pool is copied mid-flight; each worker loads its own model; the
 numba backend's packed weights go to files that every worker maps, one copy for all:
 runtime.PACK_DIR, which server.serve sets up). Each
-worker gets cores / N threads (batch.thread_env), loads its models, reports ready, and
+worker gets cores / N threads for BLAS and OpenMP, and a Numba pool of all the cores of
+which each forward takes the share of the workers busy at that moment (Inbox.share: a
+worker serving alone uses every core), loads its models, reports ready, and
 waits; once all are ready the parent listens. The parent accepts every connection and
 sends its descriptor (SCM_RIGHTS) to the worker with the fewest open connections, which
 serves it to the end (keep-alive included); workers count the connections they close in
@@ -60,10 +62,30 @@ def bind(host: str, port: int) -> socket.socket:
 class Inbox:
     """A worker's end of the hand-off: connections the parent accepted arrive here, one
     descriptor per message, and the worker counts each one it has closed in a shared
-    slot (the parent's measure of the worker's load)."""
+    slot (the parent's measure of the worker's load). A second shared array holds each
+    worker's requests in flight (begin, end), from which `share` splits the cores
+    between the workers that are busy now."""
 
-    def __init__(self, conn: socket.socket, closed: memoryview, index: int):
+    def __init__(self, conn: socket.socket, closed: memoryview, index: int,
+                 busy: memoryview | None = None):
         self.conn, self._closed, self._index = conn, closed, index
+        self._busy = busy if busy is not None else memoryview(bytearray(8 * (index + 1))).cast("q")
+
+    def begin(self) -> None:
+        """A request arrived (on the event loop, the only writer of this worker's slot)."""
+        self._busy[self._index] += 1
+
+    def end(self) -> None:
+        self._busy[self._index] -= 1
+
+    def share(self, cores: int) -> int:
+        """Threads for this worker's next forward: `cores` split evenly between the
+        workers serving a request now, this one included. One client on one of two
+        workers gets both cores (on a worker's own share, 1 client was 0.84x the one-
+        process server's tokens/s); 32 clients, spread over both, one core each, as
+        before, never oversubscribed for longer than a forward that began alone."""
+        busy = sum(1 for i, n in enumerate(self._busy) if n > 0 or i == self._index)
+        return max(1, cores // busy)
 
     def serve(self, loop, protocol_factory, parent_gone: Callable) -> None:
         """Hand every arriving connection to loop.connect_accepted_socket."""
@@ -103,8 +125,6 @@ def run_workers(n: int, host: str, port: int, start: Callable, say=print) -> int
     import mmap
     import threading
 
-    from refcomplete.batch import thread_env
-
     try:
         sock = bind(host, port)
     except OSError as exc:
@@ -112,6 +132,7 @@ def run_workers(n: int, host: str, port: int, start: Callable, say=print) -> int
         return 3                                               # uvicorn's status for this
     port = sock.getsockname()[1]
     closed = memoryview(mmap.mmap(-1, 8 * n)).cast("q")        # shared: connections closed
+    busy = memoryview(mmap.mmap(-1, 8 * n)).cast("q")          # shared: requests in flight
     pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(n)]
     ready_r, ready_w = os.pipe()            # workers -> parent: a byte per worker ready
     go_r, go_w = os.pipe()                  # parent -> workers: a byte each, serve now
@@ -126,7 +147,7 @@ def run_workers(n: int, host: str, port: int, start: Callable, say=print) -> int
                 mine.close()
                 if j != i:
                     theirs.close()
-            _worker(Inbox(pairs[i][1], closed, i), ready_w, go_r, thread_env(n), start)
+            _worker(Inbox(pairs[i][1], closed, i, busy), ready_w, go_r, worker_env(n), start)
         pids.append(pid)
     os.close(ready_w)
     os.close(go_r)
@@ -159,6 +180,15 @@ def run_workers(n: int, host: str, port: int, start: Callable, say=print) -> int
     for mine, _ in pairs:
         mine.close()
     return status
+
+
+def worker_env(n: int) -> dict:
+    """One worker's thread-pool sizes: a share of the cores (batch.thread_env) for BLAS
+    and OpenMP, but Numba's pool sized for all of them, each forward taking the share
+    Inbox.share grants at that moment (runtime.GPT2Model.thread_share)."""
+    from refcomplete.batch import thread_env
+
+    return {**thread_env(n), **thread_env(1, names=("NUMBA_NUM_THREADS",))}
 
 
 def _hand_out(sock: socket.socket, pairs: list, closed: memoryview, stopping: list) -> None:

@@ -234,3 +234,33 @@ def test_a_pack_dir_that_cannot_hold_the_weights_falls_back_to_a_copy(tiny_dir, 
     assert caplog.text.count("packed weights not shared") == 1 and "No space left" in caplog.text
     assert [p.name for p in tmp_path.iterdir()] == ["lock"]              # nothing half-made
     assert np.array_equal(m.session([5, 6], rows=1, max_new_tokens=1).prefill(), want)
+
+
+def test_thread_share_sets_each_forwards_threads_and_changes_no_bit(tiny_dir):
+    """GPT2Model.thread_share (serve --workers: the cores split between busy workers) is
+    asked before each forward piece, clipped to the backend's threads, never below one."""
+    m = GPT2Model(load_checkpoint(tiny_dir))
+    want = m.session([5, 6, 7], rows=1, max_new_tokens=1).prefill(all_positions=True)
+    used, asked, tasks = [], [], []
+    m._set_threads = used.append
+
+    class Kernels:                        # the backend's kernels, recording linear's tasks
+        def __getattr__(self, name, k=m._k):
+            return getattr(k, name)
+
+        def linear(self, *args, k=m._k):
+            tasks.append(args[-1])
+            return k.linear(*args)
+    m._k = Kernels()
+    for share, expect in ((1, 1), (0, 1), (99, m._threads)):
+        def grant(threads, share=share):
+            asked.append(threads)
+            return share
+        m.thread_share = grant
+        used.clear()
+        tasks.clear()
+        got = m.session([5, 6, 7], rows=1, max_new_tokens=1).prefill(all_positions=True)
+        assert np.array_equal(got, want)
+        assert used and set(used) <= {1, expect} and expect in used   # narrow layers: 1
+        assert set(tasks) == {expect}                                  # the LM head's split
+    assert set(asked) == {m._threads}

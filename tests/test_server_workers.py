@@ -201,3 +201,61 @@ def test_workers_map_one_shared_copy_of_the_packed_weights():
         assert all(out[i] == out[i % 2] for i in out)
         assert srv.stop() == 0
     assert not os.path.exists(folder)
+
+
+# -- the cores split between the workers busy now (no server needed) ----------------------
+
+def test_a_worker_serving_alone_gets_every_core_and_busy_ones_split_them():
+    from refcomplete.workers import Inbox
+
+    busy = memoryview(bytearray(8 * 3)).cast("q")                 # as the shared mmap
+    a, b, c = (Inbox(None, None, i, busy) for i in range(3))
+    assert a.share(4) == 4                                         # none busy: all its own
+    b.begin()
+    assert b.share(4) == 4                                         # busy alone: all of them
+    assert a.share(4) == 2 and a.share(3) == 1                     # a forward of a's: a and b
+    c.begin()
+    c.begin()                                                      # two requests: still one worker
+    assert a.share(6) == 2 and c.share(2) == 1                     # never below one thread
+    for w in (c, c, b):
+        w.end()
+    assert list(busy) == [0, 0, 0] and c.share(4) == 4
+
+
+def test_worker_env_sizes_numbas_pool_for_every_core(monkeypatch):
+    from refcomplete import batch, workers
+
+    for name in batch.THREAD_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(batch, "usable_cores", lambda: 4)
+    assert workers.worker_env(2) == {"NUMBA_NUM_THREADS": "4", "OMP_NUM_THREADS": "2",
+                                     "OPENBLAS_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "1")                   # the user's setting stands
+    assert "NUMBA_NUM_THREADS" not in workers.worker_env(2)
+
+
+def test_a_workers_app_counts_its_requests_and_its_models_take_the_share(tiny_dir):
+    """server._sharing_cores: a request is counted in the worker's slot while the app
+    runs (also when it fails), and the batched GPT-2 model's forwards ask Inbox.share."""
+    from refcomplete.checkpoint import load_checkpoint
+    from refcomplete.runtime import GPT2Model
+    from refcomplete.server import Endpoint, _sharing_cores
+    from refcomplete.workers import Inbox
+
+    busy = memoryview(bytearray(16)).cast("q")
+    inbox = Inbox(None, None, 1, busy)
+    endpoint = Endpoint({"tiny": GPT2Model(load_checkpoint(tiny_dir))}, serial=False)
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(list(busy))
+        if scope["path"] == "/fail":
+            raise RuntimeError("boom")
+
+    counted = _sharing_cores(app, endpoint, inbox)
+    assert endpoint.models["tiny"]._model.thread_share == inbox.share
+    asyncio.run(counted({"type": "http", "path": "/"}, None, None))
+    with pytest.raises(RuntimeError):
+        asyncio.run(counted({"type": "http", "path": "/fail"}, None, None))
+    asyncio.run(counted({"type": "lifespan", "path": "/"}, None, None))
+    assert seen == [[0, 1], [0, 1], [0, 0]] and list(busy) == [0, 0]
