@@ -612,10 +612,11 @@ def add_subcommand(subparsers) -> None:
                    help="run one request's model call at a time, as before batching (for "
                    "comparison; the same bytes either way)")
     p.add_argument("--workers", type=_positive(int), default=1, metavar="N",
-                   help="server processes behind the port, each batching its own requests "
-                   "with cores/N threads (default 1; the number of cores serves the most: "
-                   "about 3x --serial with 32 clients on 2 cores, against 1.6x with 1; each "
-                   "worker holds its own copy of the models' non-file memory)")
+                   help="server processes behind the port, each batching its own requests; "
+                   "a forward uses the cores split between the workers busy at that moment "
+                   "(default 1; the number of cores serves the most: about 3x --serial with "
+                   "32 clients on 2 cores, against 2x with 1, and as fast with one client; "
+                   "each worker holds its own copy of the models' non-file memory)")
     p.add_argument("--max-batch-rows", type=_positive(int), default=None, metavar="N",
                    help="KV-cache row slots of the batch pool, per model (default 64, fewer "
                    "where the pool would exceed 1 GiB); a request that finds too few free "
