@@ -205,31 +205,36 @@ def generate_suite(model, model_name: str, out_dir) -> Path:
 def load_suite(suite_dir) -> tuple[dict, list[dict]]:
     """(manifest, cases) of a suite directory, checking each file's sha256."""
     root = Path(suite_dir)
-    manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
-    if manifest.get("suite_version") != SUITE_VERSION:
-        raise ValueError(f"{root}: suite_version {manifest.get('suite_version')}, "
-                         f"this refcomplete reads {SUITE_VERSION}")
-    loaded = []
-    for entry in manifest["cases"]:
-        text = (root / entry["file"]).read_text(encoding="utf-8")
-        if hashlib.sha256(text.encode()).hexdigest() != entry["sha256"]:
-            raise ValueError(f"{root / entry['file']}: sha256 differs from the manifest")
-        loaded.append(json.loads(text))
-    return manifest, loaded
+    manifest = _manifest(root)
+    return manifest, [json.loads(_listed(root, entry)) for entry in manifest["cases"]]
 
 
 def load_sampling(suite_dir) -> tuple[dict, list[dict]] | None:
     """(manifest, the distribution cases as written) of a suite, its sha256 checked; None
     for a suite without them (written before they were)."""
     root = Path(suite_dir)
-    manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    manifest = _manifest(root)
     entry = manifest.get("sampling")
     if not entry:
         return None
+    return manifest, json.loads(_listed(root, entry))["cases"]
+
+
+def _manifest(root: Path) -> dict:
+    """A suite's manifest.json, refused unless of the suite_version this refcomplete reads."""
+    manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    if manifest.get("suite_version") != SUITE_VERSION:
+        raise ValueError(f"{root}: suite_version {manifest.get('suite_version')}, "
+                         f"this refcomplete reads {SUITE_VERSION}")
+    return manifest
+
+
+def _listed(root: Path, entry: dict) -> str:
+    """The text of a file the manifest lists ({"file", "sha256"}), refused if it differs."""
     text = (root / entry["file"]).read_text(encoding="utf-8")
     if hashlib.sha256(text.encode()).hexdigest() != entry["sha256"]:
         raise ValueError(f"{root / entry['file']}: sha256 differs from the manifest")
-    return manifest, json.loads(text)["cases"]
+    return text
 
 
 def add_subcommand(subparsers) -> None:

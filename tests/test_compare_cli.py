@@ -170,6 +170,12 @@ def test_compare_takes_a_suites_sampling_cases_and_checks_its_model(capsys, tmp_
     code, _, err = run(capsys, compare, "compare", "--base-url", dead_url(), "--model",
                        "gpt2-tiny-shakespeare", "--suite", str(bad), "--sampling")
     assert code == 2 and "sha256 differs" in err
+    newer = _suite_copy(tmp_path / "d")            # another suite_version: not read, either part
+    manifest = json.loads((newer / "manifest.json").read_text())
+    (newer / "manifest.json").write_text(json.dumps({**manifest, "suite_version": 99}))
+    code, _, err = run(capsys, compare, "compare", "--base-url", dead_url(), "--model",
+                       "gpt2-tiny-shakespeare", "--suite", str(newer), "--sampling-only")
+    assert code == 2 and "suite_version 99" in err and "cannot reach" not in err
 
 
 def test_sampling_only_with_a_suite_dir_that_has_no_manifest_is_an_error(capsys, tmp_path):
