@@ -5,7 +5,8 @@ Starts three servers on 127.0.0.1 (the bundled model; batched, --workers N, --se
 then for 1, 4 and 32 clients, each mode in turn, sends streaming requests (max_tokens 8,
 sampled with a seed per request, include_usage) over keep-alive connections and reports
 requests/s, generated tokens/s (usage.completion_tokens), p50 and p99 latency (request sent
-to [DONE]). Checks that every mode streamed the same bytes for each request (apart from
+to [DONE]); with --rounds > 1, each ratio's spread between rounds too (this is how much of
+a ratio the host's own drift moves). Checks that every mode streamed the same bytes for each request (apart from
 id and created). Prints the CPU's SIMD flags, the cores and the versions.
 
     python bench/bench_server.py [--requests-per-client 8] [--clients 1,4,32] [--rounds 1]
@@ -138,7 +139,10 @@ def main() -> int:
         a = rows[(clients, "serial")][0][3]
         same &= a == rows[(clients, "batched")][0][3] == rows[(clients, workers)][0][3]
         for mode in ("batched", workers):
-            print(f"|   | {mode} / serial | | {rate[mode] / rate['serial']:.2f}x | | |")
+            per = sorted(r[2] / r[0] / (s[2] / s[0])          # each round's ratio, side by side
+                         for r, s in zip(rows[(clients, mode)], rows[(clients, "serial")]))
+            spread = f" (rounds {per[0]:.2f}-{per[-1]:.2f}x)" if len(per) > 1 else ""
+            print(f"|   | {mode} / serial | | {rate[mode] / rate['serial']:.2f}x{spread} | | |")
     print(f"\nstreams byte-identical between the three modes (apart from id, created): {same}")
     return 0 if same else 1
 
