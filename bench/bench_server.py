@@ -5,9 +5,9 @@ Starts three servers on 127.0.0.1 (the bundled model; batched, --workers N, --se
 then for 1, 4 and 32 clients, each mode in turn, sends streaming requests (max_tokens 8,
 sampled with a seed per request, include_usage) over keep-alive connections and reports
 requests/s, generated tokens/s (usage.completion_tokens), p50 and p99 latency (request sent
-to [DONE]); with --rounds > 1, each ratio's spread between rounds too (this is how much of
-a ratio the host's own drift moves). Checks that every mode streamed the same bytes for each request (apart from
-id and created). Prints the CPU's SIMD flags, the cores and the versions.
+to [DONE]); with --rounds > 1, each ratio's spread between rounds too (how much of a ratio
+the host's own drift moves). Checks that every mode streamed the same bytes for each
+request (apart from id and created). Prints the CPU's SIMD flags, the cores and the versions.
 
     python bench/bench_server.py [--requests-per-client 8] [--clients 1,4,32] [--rounds 1]
                                  [--workers N (default: the usable cores)]

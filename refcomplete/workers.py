@@ -66,10 +66,8 @@ class Inbox:
     worker's requests in flight (begin, end), from which `share` splits the cores
     between the workers that are busy now."""
 
-    def __init__(self, conn: socket.socket, closed: memoryview, index: int,
-                 busy: memoryview | None = None):
-        self.conn, self._closed, self._index = conn, closed, index
-        self._busy = busy if busy is not None else memoryview(bytearray(8 * (index + 1))).cast("q")
+    def __init__(self, conn: socket.socket, closed: memoryview, index: int, busy: memoryview):
+        self.conn, self._closed, self._index, self._busy = conn, closed, index, busy
 
     def begin(self) -> None:
         """A request arrived (on the event loop, the only writer of this worker's slot)."""
