@@ -229,6 +229,15 @@ def select(p: np.ndarray, u: float) -> int:
     return at(_walk(np.cumsum(w), u))
 
 
+def softmax_select(logits: np.ndarray, t: float, u: float) -> int:
+    """select(softmax(z / t), u) with z = float64(logits) (t == 1 divides nothing): the
+    sampling pipeline of a row that no stage but temperature and softmax changes
+    (sampling.select_plain). The compiled twin runs it in one call, with no float64
+    temporaries handed back to Python."""
+    z = np.asarray(logits, dtype=np.float64)
+    return select(softmax(z if t == 1 else z / t), u)
+
+
 def _walk(c: np.ndarray, u: float) -> int:
     """Index of the first cumulative sum c[i] > u * c[-1] (clamped to the last)."""
     return min(int(np.searchsorted(c, u * c[-1], side="right")), len(c) - 1)

@@ -448,6 +448,53 @@ def select_index(p, u):
     return k if positive == n else ids[k]
 
 
+@njit(cache=True, error_model="numpy", nogil=True)
+def max8(z):
+    """max(z) in eight lanes (a max is exact, so any order gives np.max's value) for z
+    without NaN; with a NaN, some value of z or NaN (softmax_select_index then sees every
+    p NaN). -inf for an empty z."""
+    n = z.shape[0]
+    n8 = n - n % 8
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = -np.inf
+    for i in range(0, n8, 8):
+        a0 = z[i] if z[i] > a0 else a0
+        a1 = z[i + 1] if z[i + 1] > a1 else a1
+        a2 = z[i + 2] if z[i + 2] > a2 else a2
+        a3 = z[i + 3] if z[i + 3] > a3 else a3
+        a4 = z[i + 4] if z[i + 4] > a4 else a4
+        a5 = z[i + 5] if z[i + 5] > a5 else a5
+        a6 = z[i + 6] if z[i + 6] > a6 else a6
+        a7 = z[i + 7] if z[i + 7] > a7 else a7
+    for i in range(n8, n):
+        a0 = z[i] if z[i] > a0 else a0
+    m0 = a0 if a0 > a1 else a1
+    m1 = a2 if a2 > a3 else a3
+    m2 = a4 if a4 > a5 else a5
+    m3 = a6 if a6 > a7 else a7
+    m0 = m0 if m0 > m1 else m1
+    m2 = m2 if m2 > m3 else m3
+    return m0 if m0 > m2 else m2
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def softmax_select_index(logits, t, u):
+    """fmath.softmax_select, compiled (-1 when no p is positive): z = float64(logits),
+    divided by t unless t == 1; softmax_into with m = max8(z); select_index. Without a
+    NaN in z, m is np.max(z) and every step is the pipeline's; with one, exp(NaN - m)
+    makes the sum and so every p NaN: -1, as select_index of the pipeline's all-NaN p."""
+    n = logits.shape[0]
+    z = np.empty(n, np.float64)
+    if t == 1.0:
+        for i in range(n):
+            z[i] = np.float64(logits[i])
+    else:
+        for i in range(n):
+            z[i] = np.float64(logits[i]) / t
+    p = np.empty(n, np.float64)
+    softmax_into(z, max8(z), p)
+    return select_index(p, u)
+
+
 # -- the same interface as kernels/fmath.py (NumPy arrays in, NumPy arrays out) ----------
 
 def exp(x):
@@ -498,6 +545,13 @@ def renormalise(p, kept):
 
 def select(p, u):
     i = int(select_index(np.ascontiguousarray(p, dtype=np.float64), float(u)))
+    if i < 0:
+        raise ValueError("select: no token has a positive probability")
+    return i
+
+
+def softmax_select(logits, t, u):
+    i = int(softmax_select_index(np.ascontiguousarray(logits).ravel(), float(t), float(u)))
     if i < 0:
         raise ValueError("select: no token has a positive probability")
     return i

@@ -41,6 +41,11 @@ class Plan:
     rank: bool = False            # record each token's raw logprob (best_of ranking)
     trace: bool = False
 
+    @property
+    def plain(self) -> bool:
+        """Only temperature and softmax apply, and nothing but the token is reported."""
+        return self.sampling.plain and self.logprobs is None and not (self.rank or self.trace)
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -91,9 +96,11 @@ def draw(tok, logits: np.ndarray, counts: Counter, plan: Plan, row: int, step: i
          ops=fmath) -> Token:
     """Sample one token of one row and gather its logprobs and trace (SEMANTICS 1)."""
     params = plan.sampling
+    coin = None if params.greedy else rng.coin(plan.seed, row, step)
+    if plan.plain:                                                  # the same token, one call
+        return Token(sampling.select_plain(logits, params.temperature, coin, ops))
     z = logits.astype(np.float64)                                   # [V]
     x, seen = sampling.run(z, sampling.State(params, counts, ops), trace=plan.trace)
-    coin = None if params.greedy else rng.coin(plan.seed, row, step)
     token = sampling.greedy(x) if params.greedy else sampling.select(x, coin, ops)
     lp, top = logprobs.generated(z, x, token, plan.logprobs, plan.processed, params.greedy, ops)
     raw = None

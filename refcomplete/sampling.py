@@ -21,7 +21,8 @@ The order, written once (V = n_vocab; x is float64 [V] throughout):
                   cumulative sum exceeds u * total
 
 Each stage is `(x, state) -> x`; `run(z, state, trace=True)` also returns every
-intermediate. The fast paths (the backend's `top_p_keep` and `select`: kernels/fmath.py
+intermediate; `select_plain` draws the same token in one call where only temperature and
+softmax apply. The fast paths (the backend's `top_p_keep` and `select`: kernels/fmath.py
 and its compiled twin) never sort the whole vocabulary; `top_p_reference` and
 `select_reference` are their slow twins (the spec), pinned together in
 tests/test_sampling.py and tests/test_fmath.py.
@@ -58,6 +59,13 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def plain(self) -> bool:
+        """Sampled, and no stage but temperature and softmax changes the logits: no
+        logit_bias, no penalties, top_p >= 1 (select_plain draws such a row's token)."""
+        return (not self.greedy and not self.logit_bias and self.top_p >= 1
+                and self.presence_penalty == 0 and self.frequency_penalty == 0)
 
 
 @dataclass(frozen=True)
@@ -154,6 +162,15 @@ def select(p: np.ndarray, u: float, ops: ModuleType = fmath) -> int:
     `select_reference`.
     """
     return ops.select(p, u)
+
+
+def select_plain(logits: np.ndarray, temperature: float, u: float,
+                 ops: ModuleType = fmath) -> int:
+    """select(run(float64(logits)), u) for plain params (SamplingParams.plain): the
+    backend's softmax_select, the same steps in one compiled call from the float32
+    logits, which a server's request threads hand the GIL to once instead of four times
+    (docs/benchmarks.md, thirteenth pass). Pinned to the stages in tests/test_sampling.py."""
+    return ops.softmax_select(logits, temperature, u)
 
 
 def select_reference(p: np.ndarray, u: float) -> int:

@@ -120,3 +120,28 @@ def test_prompt_logits_used_only_with_echo_logprobs(echo):
     model = scripted_text("x")
     complete(model, max_tokens=1, echo=echo, logprobs=1, temperature=0)
     assert model.calls[0] == ("prefill", echo)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_plain_draws_are_the_pipelines_tokens(backend):
+    """A plain plan (only temperature and softmax apply, nothing reported) draws through
+    sampling.select_plain; the same plan with a trace goes through every stage, and both
+    draw the same tokens, row by row, on the bundled model's logits."""
+    from refcomplete.registry import load_model
+
+    model = load_model("gpt2-tiny-shakespeare", backend)
+    prompt = model.tokenizer.encode("ROMEO:")
+    for t in (1.0, 0.6):
+        plan = Plan(rows=3, max_new_tokens=12, sampling=SamplingParams(temperature=t), seed=11)
+        traced = Plan(**{**plan.__dict__, "trace": True})
+        assert plan.plain and not traced.plain
+        ids = [[t_.id for _, t_ in p.tokens] for p in generate(model, prompt, plan)]
+        assert ids == [[t_.id for _, t_ in p.tokens] for p in generate(model, prompt, traced)]
+
+
+def test_plan_plain_only_when_nothing_but_the_token_is_reported():
+    plan = Plan(rows=1, max_new_tokens=4, sampling=SamplingParams(), seed=0)
+    assert plan.plain
+    for changed in ({"logprobs": 0}, {"rank": True}, {"trace": True},
+                    {"sampling": SamplingParams(top_p=0.5)}):
+        assert not Plan(**{**plan.__dict__, **changed}).plain, changed

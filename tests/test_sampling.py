@@ -243,3 +243,78 @@ def test_top_p_at_the_specs_own_prefix_sums_equals_reference(scale):
         for top_p in (cum[i], np.nextafter(cum[i], 0), np.nextafter(cum[i], 1)):
             if top_p < 1:
                 assert np.array_equal(S.top_p(p, state(top_p=top_p)), S.top_p_reference(p, top_p))
+
+
+def _token_or_error(draw):
+    try:
+        with np.errstate(invalid="ignore"):           # inf - inf: the NumPy twin warns
+            return draw()
+    except (ValueError, IndexError) as exc:
+        return type(exc).__name__
+
+
+def _pipeline_or_error(logits, t, u, ops):
+    """The stages' token (run, then select) for plain params, or the exception's type."""
+    x = lambda: S.run(logits.astype(np.float64), State(SamplingParams(temperature=t), {}, ops))[0]
+    return _token_or_error(lambda: S.select(x(), u, ops))
+
+
+@BACKENDS
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.sampled_from([1, 7, 8, 9, 300, 4097, 50257]),
+       scale=st.sampled_from([1e-3, 1.0, 4.0, 40.0]), t=st.sampled_from([1.0, 0.7, 1.3, 1e-3, 5.0]),
+       u=st.floats(0, 1, exclude_max=True), ban=st.booleans())
+def test_select_plain_is_the_stages_token(ops, seed, n, scale, t, u, ban):
+    """select_plain (the backend's softmax_select: one compiled call on the numba backend)
+    draws the token that run() then select() draw for plain params, on float32 logits of
+    any length (the eight max lanes' tail), at any temperature, with -inf entries too."""
+    rng_ = np.random.default_rng(seed)
+    logits = (rng_.standard_normal(n) * scale).astype(np.float32)
+    if ban:
+        logits[rng_.integers(0, n, size=max(1, n // 3))] = -np.inf
+    got = _token_or_error(lambda: S.select_plain(logits, t, u, ops))
+    assert got == _pipeline_or_error(logits, t, u, ops)
+
+
+@BACKENDS
+def test_select_plain_edge_cases_match_the_stages(ops):
+    """Ties, a single finite entry, and the inputs where the stages find no positive
+    probability (every entry -inf, a NaN, +inf) raise as the stages do."""
+    ties = np.zeros(50257, np.float32)
+    assert [S.select_plain(ties, 1.0, u, ops) for u in (0.0, 0.5, 0.99999)] == \
+        [_pipeline_or_error(ties, 1.0, u, ops) for u in (0.0, 0.5, 0.99999)] == [0, 25128, 50256]
+    one = np.full(50257, -np.inf, np.float32)
+    one[1234] = -80.0
+    assert S.select_plain(one, 0.5, 0.9, ops) == 1234 == _pipeline_or_error(one, 0.5, 0.9, ops)
+    for bad in (np.full(64, -np.inf, np.float32), np.array([0.0, np.nan, 1.0], np.float32),
+                np.array([0.0, np.inf, 1.0], np.float32)):
+        expected = _pipeline_or_error(bad, 1.0, 0.3, ops)
+        assert isinstance(expected, str)                  # the stages raise ...
+        with pytest.raises((ValueError, IndexError)) as info, np.errstate(invalid="ignore"):
+            S.select_plain(bad, 1.0, 0.3, ops)            # ... and so does select_plain
+        assert type(info.value).__name__ == expected
+
+
+@BACKENDS
+@pytest.mark.parametrize("t", [1.0, 0.7, 1.3, 0.3])
+def test_select_plain_agrees_at_every_boundary_to_the_last_bit(ops, t):
+    """Coins a few ulps either side of each cumulative boundary: a probability off by one
+    bit (a temperature applied as a product, another max) moves some boundary's token."""
+    logits = (np.random.default_rng(5).standard_normal(9) * 2 - 50).astype(np.float32)
+    x, _ = S.run(logits.astype(np.float64), State(SamplingParams(temperature=t), {}, ops))
+    c = np.cumsum(x)
+    for k in range(len(c) - 1):
+        u = c[k] / c[-1]
+        for _ in range(6):
+            u = np.nextafter(u, 0.0)
+        for _ in range(12):
+            assert S.select_plain(logits, t, float(u), ops) == S.select(x, float(u), ops), (k, u)
+            u = np.nextafter(u, 1.0)
+
+
+def test_plain_means_no_stage_but_temperature_and_softmax():
+    assert SamplingParams().plain and SamplingParams(temperature=0.3).plain
+    assert not SamplingParams(temperature=0).plain                      # greedy: argmax
+    for changed in ({"top_p": 0.9}, {"presence_penalty": 0.5}, {"frequency_penalty": -1.0},
+                    {"logit_bias": ((5, 1.0),)}):
+        assert not SamplingParams(**changed).plain, changed
