@@ -96,20 +96,19 @@ class _Job:
         self.fn, self.args, self.kind = fn, args, kind
         self.prompt, self.slots, self.tokens, self.all_positions = prompt, slots, tokens, all_positions
         self.ticket, self.last = ticket, last     # the session's _Ticket; no step after this
-        self.done = threading.Event()
+        self.done = False                        # set before wake, by the round's thread
         self.wake = threading.Event()            # set when done, or when handed the lead
         self.lead = False                        # its thread runs the rounds
         self.value = self.error = None
 
-    def wait(self):
-        self.done.wait()
+    def result(self):
+        """Once done (its thread was woken and, if handed the lead, ran rounds until done)."""
         if self.error is not None:
             raise self.error
         return self.value
 
     def finish(self, value=None, error=None) -> None:
-        self.value, self.error = value, error
-        self.done.set()
+        self.value, self.error, self.done = value, error, True
         self.wake.set()
 
 
@@ -252,13 +251,13 @@ class BatchingModel:
             job.wake.wait()                      # done, or handed the lead
         if job.lead:
             self._lead(job)
-        return job.wait()
+        return job.result()
 
     def _lead(self, job: _Job) -> None:
         """Run rounds until `job` is done; then pass the lead to a queued job's thread, or
         leave it free."""
         try:
-            while not job.done.is_set():
+            while not job.done:
                 with self._cond:
                     call, batch = self._next_round()
                 self._run_call(call) if call is not None else self._batched(batch)
@@ -427,12 +426,13 @@ class BatchedSession:
             raise RuntimeError("call prefill() before step()")
         rows = np.asarray(rows, dtype=np.int64)
         tokens = np.asarray(tokens, dtype=np.int64)
-        if np.any(self.n_row[rows] >= self.capacity) or len(np.unique(rows)) != len(rows):
+        n = self.n_row[rows] + 1                         # each row's steps with this one
+        if len(rows) and (n.max() > self.capacity or len(set(rows.tolist())) != len(rows)):
             raise ValueError("row capacity exceeded or a row given twice")
-        self.n_row[rows] += 1
+        self.n_row[rows] = n
         if self._solo is not None:
             return self._owner._call(self._solo.step, rows, tokens)
         # Rows left out of a step have finished (decode.py never steps them again): when
         # these rows have had capacity - 1 steps, rounds need not wait for this session.
-        last = bool(np.all(self.n_row[rows] >= self.capacity - 1))
+        last = bool(not len(rows) or n.min() >= self.capacity - 1)
         return self._owner._step(self.slots[rows], tokens, self._ticket, last)
