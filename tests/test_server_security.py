@@ -99,12 +99,14 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def serve_process(*models: str, flags=(), port: int | None = None, timeout: float = 90.0):
+def serve_process(*models: str, flags=(), port: int | None = None, timeout: float = 90.0,
+                  python=(sys.executable,)):
     """Start `refcomplete serve` on a free port (or `port`) with these --model specs and
-    extra flags; yield a ServerProcess; always stop it."""
+    extra flags, run by `python` (an interpreter and its options, before `-m`); yield a
+    ServerProcess; always stop it."""
     for attempt in range(2):   # a free port may be taken meanwhile: retry once
         p = port or free_port()
-        argv = [sys.executable, "-m", "refcomplete.cli", "serve", "--port", str(p),
+        argv = [*python, "-m", "refcomplete.cli", "serve", "--port", str(p),
                 "--log-level", "warning", *[x for m in models for x in ("--model", m)], *flags]
         log = tempfile.NamedTemporaryFile("w+", prefix="refcomplete-serve-", suffix=".log")
         srv = ServerProcess(argv, p, log)
