@@ -27,13 +27,14 @@ in worker threads. Batched (the default of `serve`): requests run concurrently a
 forward of a GPT-2 model goes to its batching.BatchingModel, which steps the rows of all
 open requests together (the same bits as alone: batching.py). Serial
 (`serve --serial`, and Endpoint's default): one request's model call at a time, under a
-lock. A stream advances one chunk per thread hop, so a client that disconnects stops its
-generation at the next chunk; a non-streamed request checks before each forward that its
-client is still there.
+lock. A stream's generation runs in one worker thread, at most AHEAD frames ahead of the
+socket, and a client that disconnects stops it at the next chunk; a non-streamed request
+checks before each forward that its client is still there.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -53,6 +54,7 @@ from refcomplete.params import DEFAULT_LIMITS, Limits
 MAX_BODY = 1 << 20   # bytes; OpenAI's own limits are larger, our prompts are short
 BODY_TIMEOUT = 30.0  # seconds to receive a whole request body (then 408)
 SHUTDOWN_TIMEOUT = 10  # seconds a stop waits for requests in flight (a stalled reader...)
+AHEAD = 4            # frames a stream's generation may run ahead of what was sent
 ROUTES = {"/v1/completions": ("POST",), "/v1/models": ("GET",),
           "/tokenize": ("POST",), "/detokenize": ("POST",), "/tokenizer_info": ("GET",)}
 SERVER_ERROR = "The server had an error while processing your request."
@@ -122,8 +124,8 @@ class Endpoint:
             models = {n: BatchingModel(m, max_batch_rows) if n in self.batched
                       and not isinstance(m, BatchingModel) else m for n, m in models.items()}
         self.models = dict(models)
-        # Batched, a request thread blocks while its rows wait for a round, and streams
-        # need a thread for each chunk: more worker threads than anyio's 40, so that
+        # Batched, a request thread blocks while its rows wait for a round, and a stream
+        # holds a thread while it lasts: more worker threads than anyio's 40, so that
         # waiting requests do not keep the others from queueing theirs (waiting costs none).
         self.worker_threads = None if not self.batched else 40 + 2 * sum(
             m.max_rows for n, m in self.models.items() if n in self.batched)
@@ -262,7 +264,7 @@ class Endpoint:
 
         A chunk that ends a choice is sent together with the next one, computed at once:
         when it was the last choice, its generation then finishes (and a batched model
-        stops waiting for that request) in this thread hop rather than the next. The
+        stops waiting for that request) with this frame rather than the next. The
         bytes sent are the same; only how they are grouped into writes differs."""
         lock = self.lock if lock is None else lock
         pending = b""                                   # frames held for the next write
@@ -305,9 +307,10 @@ def create_app(endpoint: Endpoint, body_timeout: float = BODY_TIMEOUT):
 
     Host, route, method and key are checked before the body is read (Endpoint.gate); a body over
     the limit is refused unread (413); one not received within `body_timeout` seconds is a
-    408; `Endpoint.handle` runs in a worker thread. A client that disconnects while
-    sending its body gets nothing; one that disconnects mid-stream closes the stream, which
-    ends its generation (at most one chunk later); one that disconnects while its
+    408; `Endpoint.handle` runs in a worker thread, and so does each stream, AHEAD frames
+    ahead of the socket at most. A client that disconnects while sending its body gets
+    nothing; one that disconnects mid-stream closes the stream, which ends its generation
+    (at most one chunk later); one that disconnects while its
     non-streamed request is computed sets the `gone` event that the generation checks
     before each forward (the same watcher as for streams).
     """
@@ -369,22 +372,49 @@ def create_app(endpoint: Endpoint, body_timeout: float = BODY_TIMEOUT):
         return resp
 
     async def stream(frames: Iterator[bytes], receive, send) -> None:
-        # One thread hop per frame, while a watcher waits for the client to leave; either
-        # way `frames.close()` runs here, which ends the generation.
-        done = object()
-        try:
-            async with anyio.create_task_group() as tg:
-                async def watch():
-                    while (await receive())["type"] != "http.disconnect":
-                        pass
-                    tg.cancel_scope.cancel()
-                tg.start_soon(watch)
-                while (frame := await anyio.to_thread.run_sync(next, frames, done)) is not done:
-                    await send({"type": "http.response.body", "body": frame, "more_body": True})
-                await send({"type": "http.response.body", "body": b""})
+        # The stream's generation runs in one worker thread (`pump`) for the whole stream,
+        # up to AHEAD frames ahead of the socket, so that a batched request queues its next
+        # step as soon as it has sampled, not after a round trip through this loop. A
+        # watcher waits for the client to leave; then, or when the stream ends or fails,
+        # the pump stops before its next frame and closes `frames` (which ends the
+        # generation), and this waits for it.
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Queue = asyncio.Queue()
+        room, stop, done = threading.Semaphore(AHEAD), threading.Event(), object()
+
+        def pump() -> None:
+            try:
+                while room.acquire() and not stop.is_set():
+                    try:
+                        frame = next(frames, done)
+                    except BaseException as exc:   # _sse answers errors: a fault of ours
+                        frame = exc
+                    loop.call_soon_threadsafe(ready.put_nowait, frame)
+                    if frame is done or isinstance(frame, BaseException):
+                        break
+            except RuntimeError:                   # the loop closed (a forced shutdown)
+                pass
+            finally:
+                frames.close()
+
+        async with anyio.create_task_group() as tg:
+            async def watch():
+                while (await receive())["type"] != "http.disconnect":
+                    pass
                 tg.cancel_scope.cancel()
-        finally:
-            frames.close()
+            tg.start_soon(watch)
+            tg.start_soon(anyio.to_thread.run_sync, pump)
+            try:
+                while (frame := await ready.get()) is not done:
+                    if isinstance(frame, BaseException):
+                        raise frame
+                    await send({"type": "http.response.body", "body": frame, "more_body": True})
+                    room.release()
+                await send({"type": "http.response.body", "body": b""})
+            finally:
+                stop.set()
+                room.release()
+            tg.cancel_scope.cancel()
 
     async def app(scope, receive, send) -> None:
         if scope["type"] == "lifespan":

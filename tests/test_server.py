@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 import threading
 import time
@@ -224,3 +225,91 @@ def test_a_request_whose_client_already_left_runs_no_forward():
     streamed = endpoint.handle("POST", "/v1/completions", {}, body[:-1] + b', "stream": true}',
                                gone=gone)           # a stream stops by being closed instead
     assert streamed.status == 200 and b"".join(streamed.stream).endswith(b"data: [DONE]\n\n")
+
+
+def _asgi_stream(endpoint, body: bytes, on_frame):
+    """Drive create_app(endpoint)'s ASGI app for one streamed POST, without a socket:
+    `on_frame(i, frame, leave)` is awaited for each body frame sent (so it can stall the
+    "socket"), with the event that makes the client leave. Returns the frames sent."""
+    app = create_app(endpoint)
+    sent: list[bytes] = []
+
+    async def run():
+        leave = asyncio.Event()
+        given = False
+
+        async def receive():
+            nonlocal given
+            if not given:
+                given = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await leave.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            if message["type"] == "http.response.body" and message.get("more_body"):
+                sent.append(message["body"])
+                await on_frame(len(sent) - 1, message["body"], leave)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions",
+                 "headers": [(b"content-type", b"application/json")]}
+        await app(scope, receive, send)
+
+    thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "the app did not return within 20 s"
+    return sent
+
+
+def test_a_stream_runs_at_most_AHEAD_frames_ahead_of_its_socket_and_stops_when_its_client_leaves():
+    """The stream's generation runs in a thread of its own (the pump): while the socket
+    is stalled on frame 1 it computes no more than AHEAD frames past it, and once the
+    client leaves it stops and the app returns."""
+    from refcomplete.server import AHEAD
+    steps = []
+
+    def model(prompt, generated):
+        steps.append(len(generated))
+        z = np.zeros(50257, np.float32)
+        z[11] = 5.0                      # "," forever
+        return z
+
+    endpoint = Endpoint({"m": FakeModel(model, n_ctx=4096)})
+    seen = {}
+
+    async def on_frame(i, frame, leave):
+        if i == 1:                       # the socket stalls here for 0.5 s, then the client leaves
+            await asyncio.sleep(0.5)
+            seen["while stalled"] = len(steps)
+            leave.set()
+            await asyncio.sleep(5)       # cancelled: the watcher sees the client leave
+
+    body = b'{"model": "m", "prompt": "Hi", "max_tokens": 3000, "stream": true}'
+    sent = _asgi_stream(endpoint, body, on_frame)
+    assert len(sent) == 2
+    # frames 0 and 1 sent, AHEAD more computed at most (each one forward), +1: the first
+    # frame's forward and the prompt's
+    assert 2 <= seen["while stalled"] <= AHEAD + 3, seen
+    returned = len(steps)
+    assert returned <= seen["while stalled"] + 1, (seen, returned)
+    time.sleep(0.3)
+    assert len(steps) == returned, "generation went on after the app returned"
+
+
+def test_a_stream_sends_every_frame_in_order_through_the_pump():
+    endpoint = Endpoint({"m": FakeModel(lambda p, g: np.linspace(0, 3, 50257, dtype=np.float32),
+                                        n_ctx=4096)})
+
+    async def on_frame(i, frame, leave):
+        if i % 7 == 0:
+            await asyncio.sleep(0.01)    # an uneven socket: the pump runs ahead, then waits
+
+    body = b'{"model": "m", "prompt": "Hi", "max_tokens": 40, "seed": 3, "stream": true}'
+    sent = _asgi_stream(endpoint, body, on_frame)
+    direct = endpoint.handle("POST", "/v1/completions", {}, body)
+    strip = lambda raw: re.sub(rb'"(id|created)": [^,]*, ', b"", raw)
+    expected = b"".join(direct.stream)
+    assert expected.count(b"data: ") == 41 and expected.endswith(b"data: [DONE]\n\n")
+    assert strip(b"".join(sent)) == strip(expected)
+
