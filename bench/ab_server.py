@@ -19,6 +19,7 @@ two-sided p-value (how often a coin would split the pairs at least this unevenly
 checks that both sides streamed the same bytes (apart from id and created).
 
     python bench/ab_server.py REV [--rounds 10] [--clients 32] [--flags="--workers 2"]
+                              [--a-flags="--loop asyncio"] [--b-flags=...]
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--requests-per-client", type=int, default=8)
     ap.add_argument("--flags", default="", help="extra `serve` flags for both sides")
+    ap.add_argument("--a-flags", default="", help="... for A only (REV = HEAD: an A/B of a flag)")
+    ap.add_argument("--b-flags", default="", help="... for B only")
     args = ap.parse_args()
     if args.rounds < 1 or args.clients < 1 or args.requests_per_client < 1:
         ap.error("--rounds, --clients and --requests-per-client must be at least 1")
@@ -105,15 +108,17 @@ def main() -> int:
     print(f"A: {sha[:10]} (a worktree); B: the working tree at "
           f"{subprocess.run(['git', '-C', str(ROOT), 'rev-parse', '--short=10', 'HEAD'], capture_output=True, text=True).stdout.strip()}"
           f"{' with uncommitted changes' if dirty else ''}")
-    print(f"refcomplete serve {args.flags or '(default flags)'}, {MODEL}, {args.clients} streaming clients x "
+    print(f"refcomplete serve {args.flags or '(default flags)'}; A also {args.a_flags or '-'}, "
+          f"B also {args.b_flags or '-'}; {MODEL}, {args.clients} streaming clients x "
           f"{args.requests_per_client} requests, max_tokens 8, {args.rounds} alternated rounds")
     flags = shlex.split(args.flags)
     tmp = Path(tempfile.mkdtemp(prefix="refcomplete-ab-"))
     tree = worktree(sha, tmp / "a")
     try:
         old = (sys.executable, str(Path(__file__).resolve()), "--launch", str(tree))
-        with serve_process(MODEL, flags=flags, python=old, timeout=900) as a, \
-                serve_process(MODEL, flags=flags, timeout=900) as b:
+        with serve_process(MODEL, flags=flags + shlex.split(args.a_flags), python=old,
+                           timeout=900) as a, \
+                serve_process(MODEL, flags=flags + shlex.split(args.b_flags), timeout=900) as b:
             a_from = imported_from(a.output())
             if str(tree) not in a_from:
                 print(f"A does not run the revision's code: {a_from or a.output()[-500:]}")

@@ -459,7 +459,7 @@ def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000,
           limits: Limits = DEFAULT_LIMITS, body_timeout: float = BODY_TIMEOUT,
           shutdown_timeout: int = SHUTDOWN_TIMEOUT, allowed_hosts: tuple[str, ...] = (),
           backend: str | None = None, serial: bool = False,
-          max_batch_rows: int | None = None, workers: int = 1) -> int:
+          max_batch_rows: int | None = None, workers: int = 1, loop: str = "auto") -> int:
     """Load the models, then run uvicorn until interrupted (SIGINT, SIGTERM: requests in
     flight get `shutdown_timeout` seconds to finish, then are cut). Only the Hosts of
     `guards.HostPolicy.for_server(host, allowed_hosts)` are answered. uvicorn runs its h11
@@ -467,7 +467,9 @@ def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000,
     batched (batching.py) unless `serial`; `workers` > 1 runs that many such servers in
     processes behind the port, the parent handing each one connections (workers.py),
     and sharing one copy of each model's packed weights (runtime.PACK_DIR: a temporary
-    directory, removed when the server stops). Returns the exit status."""
+    directory, removed when the server stops). `loop`: uvicorn's event loop, "auto" (uvloop
+    where it is installed, as it is with the `server` extra), "asyncio" or "uvloop".
+    Returns the exit status."""
     import uvicorn
 
     def run(inbox=None, ready=None, packs=None):
@@ -482,7 +484,7 @@ def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000,
         app = create_app(endpoint, body_timeout)
         if inbox is not None:                     # one of --workers: share the cores
             app = _sharing_cores(app, endpoint, inbox)
-        config = uvicorn.Config(app, host=host, port=port,
+        config = uvicorn.Config(app, host=host, port=port, loop=loop,
                                 log_level=log_level, access_log=False,
                                 timeout_graceful_shutdown=shutdown_timeout,
                                 http=h11_protocol(big.status, big.headers, big.body))
@@ -647,6 +649,9 @@ def add_subcommand(subparsers) -> None:
                    "(default 1; the number of cores serves the most: about 3x --serial with "
                    "32 clients on 2 cores, against 2x with 1, and as fast with one client; "
                    "each worker holds its own copy of the models' non-file memory)")
+    p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                   help="the event loop: auto (uvloop where installed, as with the `server` "
+                   "extra; else asyncio), asyncio or uvloop (the same bytes either way)")
     p.add_argument("--max-batch-rows", type=_positive(int), default=None, metavar="N",
                    help="KV-cache row slots of the batch pool, per model (default 64, fewer "
                    "where the pool would exceed 1 GiB); a request that finds too few free "
@@ -682,7 +687,7 @@ def _run(args) -> int:
                      args.log_level, args.max_body, limits, args.body_timeout,
                      args.shutdown_timeout, tuple(args.allowed_hosts), backend=args.backend,
                      serial=args.serial, max_batch_rows=args.max_batch_rows,
-                     workers=args.workers) or 0
+                     workers=args.workers, loop=args.loop) or 0
     except ModelNotFound as exc:
         print(f"error: {exc}")
         return 2
