@@ -313,3 +313,20 @@ def test_a_stream_sends_every_frame_in_order_through_the_pump():
     assert expected.count(b"data: ") == 41 and expected.endswith(b"data: [DONE]\n\n")
     assert strip(b"".join(sent)) == strip(expected)
 
+
+
+def test_serve_loop_flag_picks_the_event_loop_and_changes_no_byte(tiny_dir):
+    """`serve --loop asyncio|uvloop`: the process runs that loop (uvloop's extension is
+    mapped or not) and streams the same bytes."""
+    pytest.importorskip("uvloop")
+    body = {"model": "tiny", "prompt": "To be", "max_tokens": 6, "seed": 7, "stream": True,
+            "logprobs": 2}
+    streamed = {}
+    for loop in ("asyncio", "uvloop"):
+        with serve_process(f"tiny={tiny_dir}", flags=["--loop", loop]) as srv:
+            r = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200
+            streamed[loop] = re.sub(rb'"(id|created)": [^,]*, ', b"", r.content)
+            maps = open(f"/proc/{srv.proc.pid}/maps").read()
+            assert ("uvloop" in maps) == (loop == "uvloop"), loop
+    assert streamed["asyncio"] == streamed["uvloop"] and streamed["uvloop"].endswith(b"[DONE]\n\n")
