@@ -3,13 +3,14 @@ and a git revision (A), side by side on one machine, in alternated rounds.
 
 Why a script: over HTTP this host's speed drifts by more than most changes are worth, so
 a change is only evidence when both versions run in the same minutes, alternated, and
-when each side provably runs its own code. Putting an old checkout on PYTHONPATH is not
-enough: the editable install's finder is searched first, and both servers then run the
-working tree. Here A's server runs through a launcher that removes that finder and
-imports refcomplete from a worktree of the revision (`git worktree add`, with
-refcomplete/kernels, weights and golden_suite linked as pyproject.toml maps them), and
-each server's log says which files it imported; the script stops if either side's are
-not its own.
+when each side provably runs its own code. Putting a bare checkout of the old revision on
+PYTHONPATH is not enough: its refcomplete/ has no kernels/ (pyproject.toml maps
+refcomplete.kernels to the top-level kernels/), so the editable install's finder supplies
+refcomplete.kernels, and the weights, from the working tree. Here A's server runs through a
+launcher that removes that finder and imports refcomplete from a worktree of the revision
+(`git worktree add`, with refcomplete/kernels, weights and golden_suite linked as
+pyproject.toml maps them), and says which files it imported; the script stops if either
+side's are not its own.
 
 Each round sends the same load to A, then to B (the order alternating between rounds):
 `--clients` streaming clients, `--requests-per-client` requests each (max_tokens 8, a
