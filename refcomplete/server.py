@@ -376,8 +376,9 @@ def create_app(endpoint: Endpoint, body_timeout: float = BODY_TIMEOUT):
         # up to AHEAD frames ahead of the socket, so that a batched request queues its next
         # step as soon as it has sampled, not after a round trip through this loop. A
         # watcher waits for the client to leave; then, or when the stream ends or fails,
-        # the pump stops before its next frame and closes `frames` (which ends the
-        # generation), and this waits for it.
+        # the pump stops before its next frame, this waits for it, and either way
+        # `frames.close()` runs here (the pump may never have started), which ends the
+        # generation.
         loop = asyncio.get_running_loop()
         ready: asyncio.Queue = asyncio.Queue()
         room, stop, done = threading.Semaphore(AHEAD), threading.Event(), object()
@@ -394,27 +395,28 @@ def create_app(endpoint: Endpoint, body_timeout: float = BODY_TIMEOUT):
                         break
             except RuntimeError:                   # the loop closed (a forced shutdown)
                 pass
-            finally:
-                frames.close()
 
-        async with anyio.create_task_group() as tg:
-            async def watch():
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                tg.cancel_scope.cancel()
-            tg.start_soon(watch)
-            tg.start_soon(anyio.to_thread.run_sync, pump)
-            try:
-                while (frame := await ready.get()) is not done:
-                    if isinstance(frame, BaseException):
-                        raise frame
-                    await send({"type": "http.response.body", "body": frame, "more_body": True})
+        try:
+            async with anyio.create_task_group() as tg:
+                async def watch():
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    tg.cancel_scope.cancel()
+                tg.start_soon(watch)
+                tg.start_soon(anyio.to_thread.run_sync, pump)
+                try:
+                    while (frame := await ready.get()) is not done:
+                        if isinstance(frame, BaseException):
+                            raise frame
+                        await send({"type": "http.response.body", "body": frame, "more_body": True})
+                        room.release()
+                    await send({"type": "http.response.body", "body": b""})
+                finally:
+                    stop.set()
                     room.release()
-                await send({"type": "http.response.body", "body": b""})
-            finally:
-                stop.set()
-                room.release()
-            tg.cancel_scope.cancel()
+                tg.cancel_scope.cancel()
+        finally:
+            frames.close()
 
     async def app(scope, receive, send) -> None:
         if scope["type"] == "lifespan":
