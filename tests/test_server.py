@@ -227,6 +227,11 @@ def test_a_request_whose_client_already_left_runs_no_forward():
     assert streamed.status == 200 and b"".join(streamed.stream).endswith(b"data: [DONE]\n\n")
 
 
+def _without_ids(raw: bytes) -> bytes:
+    """SSE bytes without each chunk's `id` and `created` (they differ between requests)."""
+    return re.sub(rb'"(id|created)": [^,]*, ', b"", raw)
+
+
 def _asgi_stream(endpoint, body: bytes, on_frame):
     """Drive create_app(endpoint)'s ASGI app for one streamed POST, without a socket:
     `on_frame(i, frame, leave)` is awaited for each body frame sent (so it can stall the
@@ -308,11 +313,9 @@ def test_a_stream_sends_every_frame_in_order_through_the_pump():
     body = b'{"model": "m", "prompt": "Hi", "max_tokens": 40, "seed": 3, "stream": true}'
     sent = _asgi_stream(endpoint, body, on_frame)
     direct = endpoint.handle("POST", "/v1/completions", {}, body)
-    strip = lambda raw: re.sub(rb'"(id|created)": [^,]*, ', b"", raw)
     expected = b"".join(direct.stream)
     assert expected.count(b"data: ") == 41 and expected.endswith(b"data: [DONE]\n\n")
-    assert strip(b"".join(sent)) == strip(expected)
-
+    assert _without_ids(b"".join(sent)) == _without_ids(expected)
 
 
 def test_serve_loop_flag_picks_the_event_loop_and_changes_no_byte(tiny_dir):
@@ -326,7 +329,7 @@ def test_serve_loop_flag_picks_the_event_loop_and_changes_no_byte(tiny_dir):
         with serve_process(f"tiny={tiny_dir}", flags=["--loop", loop]) as srv:
             r = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
             assert r.status_code == 200
-            streamed[loop] = re.sub(rb'"(id|created)": [^,]*, ', b"", r.content)
+            streamed[loop] = _without_ids(r.content)
             maps = open(f"/proc/{srv.proc.pid}/maps").read()
             assert ("uvloop" in maps) == (loop == "uvloop"), loop
     assert streamed["asyncio"] == streamed["uvloop"] and streamed["uvloop"].endswith(b"[DONE]\n\n")
